@@ -1,0 +1,515 @@
+"""Export a trained recommender to a TensorFlow SavedModel through ``jax2tf``.
+
+The JAX model functions are serialized natively (StableHLO inside an ``XlaCallModule`` op)
+with a polymorphic batch dimension; everything around them -- raw-id lookup in the
+vocabularies, excluding a user's already-seen items, cold start, top-k -- is ordinary
+TensorFlow, so the SavedModel is served by TensorFlow alone (TF Serving, or
+:mod:`jaxreco.serve`) and callers speak raw ids.
+
+Signatures (``b`` is any batch size; ids are strings):
+
+================  =======================  ==================================================
+name              inputs                   outputs
+================  =======================  ==================================================
+score             user[b], item[b]         score[b] f32, known[b] bool (0.0 where unknown)
+recommend         user[b], k[] int32       items[b,k] str, scores[b,k] f32, known[b] bool
+similar_items     item[b], k[] int32       items[b,k], scores[b,k] (cosine), co_counts[b,k]
+                                           int32, known[b]
+user_scores       user[b]                  scores[b, num_items] f32 (vocab order), known[b]
+serving_default   as recommend
+================  =======================  ==================================================
+
+``recommend`` ranks by model score with the user's training items set to
+:data:`~jaxreco.serve.layout.EXCLUDED_SCORE`; an unknown user (``known`` false) gets the
+items by popularity. ``similar_items`` ranks by co-purchase count when the dataset had
+baskets (``co_counts``), ties and the rest by cosine similarity of the item vectors; the
+query item itself is excluded.
+
+Versions: jax/jaxlib 0.10.2 with tensorflow(-cpu) 2.21 export and serve (checked by the
+tests). A newer JAX writes a StableHLO version that TF 2.21 cannot deserialize; the export
+reloads what it wrote and fails with :class:`ExportError` naming both versions if so.
+
+Two layers: :func:`export_saved_model` takes parameters and pure JAX functions and knows
+nothing about training; :func:`export_run` adapts a trained run directory to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreco.serve import layout
+
+# Versions the round trip was checked with (jax2tf native serialization -> TF deserializer).
+TESTED_JAX = "0.10.2"
+TESTED_TF = "2.21"
+
+ScoreFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+UserItemScoresFn = Callable[[Any, jax.Array], jax.Array]
+ItemVectorsFn = Callable[[Any], jax.Array]
+
+
+class ExportError(ValueError):
+    """The export cannot proceed; the message names the argument or version at fault."""
+
+
+# --------------------------------------------------------------------------- helpers
+def _import_tf():
+    try:
+        import tensorflow as tf
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ExportError(
+            "exporting needs TensorFlow, which is an optional extra: "
+            f"pip install 'jaxreco[export]' (tensorflow-cpu=={TESTED_TF}.*); import failed: {e}"
+        ) from e
+    return tf
+
+
+def _as_csr(name: str, value: Any, n_rows: int, n_cols: int, with_data: bool):
+    """(indptr int64 [n_rows+1], indices int32 [nnz], data int32 [nnz] | None), validated."""
+    if hasattr(value, "indptr"):  # scipy.sparse
+        parts = (value.indptr, value.indices) + ((value.data,) if with_data else ())
+    else:
+        parts = tuple(value)
+    want = 3 if with_data else 2
+    if len(parts) != want:
+        fields = "(indptr, indices, data)" if with_data else "(indptr, indices)"
+        raise ExportError(f"{name} must be a CSR tuple {fields}; got {len(parts)} arrays")
+    indptr = np.asarray(parts[0])
+    indices = np.asarray(parts[1])
+    if indptr.ndim != 1 or indptr.shape[0] != n_rows + 1:
+        raise ExportError(f"{name}.indptr must have shape [{n_rows + 1}]; got {indptr.shape}")
+    if indptr[0] != 0 or np.any(np.diff(indptr) < 0) or indptr[-1] != indices.shape[0]:
+        raise ExportError(f"{name}.indptr must start at 0, never decrease, and end at "
+                          f"len(indices)={indices.shape[0]}; got ends {indptr[0]}..{indptr[-1]}")
+    if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
+        raise ExportError(f"{name}.indices must lie in [0, {n_cols}); got "
+                          f"[{indices.min()}, {indices.max()}]")
+    data = None
+    if with_data:
+        data = np.asarray(parts[2])
+        if data.shape != indices.shape:
+            raise ExportError(f"{name}.data must have the shape of indices {indices.shape}; "
+                              f"got {data.shape}")
+        data = data.astype(np.int32)
+    return indptr.astype(np.int64), indices.astype(np.int32), data
+
+
+def _check_vocab(name: str, vocab: Sequence[str]) -> np.ndarray:
+    v = np.asarray([str(x) for x in vocab], dtype=object)
+    if v.ndim != 1 or v.size == 0:
+        raise ExportError(f"{name} must be a non-empty 1-D array of raw ids; got shape {v.shape}")
+    for i, s in enumerate(v):
+        if not s or "\n" in s or "\r" in s:
+            raise ExportError(f"{name}[{i}]={s!r}: ids must be non-empty and contain no line "
+                              "breaks (vocabularies are stored one id per line)")
+    uniq, counts = np.unique(v.astype(str), return_counts=True)
+    if uniq.size != v.size:
+        raise ExportError(f"{name} has duplicate ids, e.g. {uniq[counts > 1][:3].tolist()}")
+    return v
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for s in lines:
+            f.write(f"{s}\n")
+
+
+def popularity_from_seen(seen_indices: np.ndarray, num_items: int) -> np.ndarray:
+    """Number of training interactions per item (float32 [num_items])."""
+    return np.bincount(np.asarray(seen_indices), minlength=num_items).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- TF module
+def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_vectors,
+                  user_vocab_path, item_vocab_path, num_users, num_items, seen, popularity,
+                  co_counts, platforms):
+    """A ``tf.Module`` holding the parameters, vocabularies and the five signatures."""
+    from jax.experimental import jax2tf
+
+    def with_params(fn):
+        return lambda flat, *args: fn(jax.tree_util.tree_unflatten(treedef, flat), *args)
+
+    poly_params = [None] * len(leaves)
+    conv_score = jax2tf.convert(
+        with_params(lambda p, u, i: score_fn(p, u, i).astype(jnp.float32)),
+        polymorphic_shapes=[poly_params, "(b,)", "(b,)"], with_gradient=False,
+        native_serialization_platforms=platforms)
+    conv_all = jax2tf.convert(
+        with_params(lambda p, u: user_item_scores_fn(p, u).astype(jnp.float32)),
+        polymorphic_shapes=[poly_params, "(b,)"], with_gradient=False,
+        native_serialization_platforms=platforms)
+
+    excluded = np.float32(layout.EXCLUDED_SCORE)
+    text_init = tf.lookup.TextFileInitializer
+    line, whole = tf.lookup.TextFileIndex.LINE_NUMBER, tf.lookup.TextFileIndex.WHOLE_LINE
+
+    class RecModule(tf.Module):
+        def __init__(self):
+            super().__init__(name="jaxreco")
+            self.params = [tf.Variable(x, trainable=False, name=f"param_{i}")
+                           for i, x in enumerate(leaves)]
+            self.user_vocab = tf.saved_model.Asset(str(user_vocab_path))
+            self.item_vocab = tf.saved_model.Asset(str(item_vocab_path))
+            self.user_index = tf.lookup.StaticHashTable(
+                text_init(self.user_vocab, tf.string, whole, tf.int64, line,
+                          vocab_size=num_users), default_value=-1)
+            self.item_index = tf.lookup.StaticHashTable(
+                text_init(self.item_vocab, tf.string, whole, tf.int64, line,
+                          vocab_size=num_items), default_value=-1)
+            self.item_id = tf.lookup.StaticHashTable(
+                text_init(self.item_vocab, tf.int64, line, tf.string, whole,
+                          vocab_size=num_items), default_value="")
+            self.seen_indptr = tf.Variable(seen[0], trainable=False, name="seen_indptr")
+            self.seen_indices = tf.Variable(seen[1], trainable=False, name="seen_indices")
+            self.popularity = tf.Variable(popularity, trainable=False, name="popularity")
+            self.unit_vectors = tf.Variable(unit_vectors, trainable=False, name="item_unit_vectors")
+            self.has_co = co_counts is not None
+            if self.has_co:
+                self.co_indptr = tf.Variable(co_counts[0], trainable=False, name="co_indptr")
+                self.co_indices = tf.Variable(co_counts[1], trainable=False, name="co_indices")
+                self.co_data = tf.Variable(co_counts[2], trainable=False, name="co_data")
+
+        # The converted JAX functions get their own XLA-compiled tf.functions; the outer
+        # signatures hold hash tables and ragged ops, which XLA does not compile.
+        @tf.function(jit_compile=True, autograph=False)
+        def _jax_score(self, u, i):
+            return conv_score(self.params, u, i)
+
+        @tf.function(jit_compile=True, autograph=False)
+        def _jax_all(self, u):
+            return conv_all(self.params, u)
+
+        def _lookup(self, table, ids):
+            idx = table.lookup(ids)
+            known = idx >= 0
+            return tf.where(known, idx, tf.zeros_like(idx)), known
+
+        def _scatter_csr(self, base, rows_idx, valid, indptr, indices, values):
+            """base[r, indices[indptr[rows_idx[r]]:...]] = values (or the CSR data)."""
+            starts = tf.gather(indptr, rows_idx)
+            limits = tf.where(valid, tf.gather(indptr, rows_idx + 1), starts)
+            ranges = tf.ragged.range(starts, limits)
+            pos = ranges.flat_values
+            cols = tf.cast(tf.gather(indices, pos), tf.int64)
+            rows = ranges.value_rowids()
+            upd = (tf.fill(tf.shape(cols), values) if not callable(values)
+                   else values(pos))
+            return tf.tensor_scatter_nd_update(base, tf.stack([rows, cols], axis=1), upd)
+
+        def _check_k(self, k, limit):
+            return tf.debugging.Assert(
+                tf.logical_and(k >= 1, k <= limit),
+                [f"k must be in [1, {limit}]; got k =", k])
+
+        def _user_scores(self, user):
+            u, known = self._lookup(self.user_index, user)
+            scores = self._jax_all(tf.cast(u, tf.int32))
+            scores = self._scatter_csr(scores, u, known, self.seen_indptr, self.seen_indices,
+                                       excluded)
+            scores = tf.where(known[:, None], scores, self.popularity[None, :])
+            return scores, known
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
+                                      tf.TensorSpec([None], tf.string, name="item")])
+        def score(self, user, item):
+            u, ku = self._lookup(self.user_index, user)
+            i, ki = self._lookup(self.item_index, item)
+            known = tf.logical_and(ku, ki)
+            s = self._jax_score(tf.cast(u, tf.int32), tf.cast(i, tf.int32))
+            return {"score": tf.where(known, s, tf.zeros_like(s)), "known": known}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user")])
+        def user_scores(self, user):
+            scores, known = self._user_scores(user)
+            return {"scores": scores, "known": known}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
+                                      tf.TensorSpec([], tf.int32, name="k")])
+        def recommend(self, user, k):
+            with tf.control_dependencies([self._check_k(k, num_items)]):
+                scores, known = self._user_scores(user)
+                top = tf.math.top_k(scores, k=k)
+            return {"items": self.item_id.lookup(tf.cast(top.indices, tf.int64)),
+                    "scores": top.values, "known": known}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="item"),
+                                      tf.TensorSpec([], tf.int32, name="k")])
+        def similar_items(self, item, k):
+            with tf.control_dependencies([self._check_k(k, num_items - 1)]):
+                i, known = self._lookup(self.item_index, item)
+            sims = tf.matmul(tf.gather(self.unit_vectors, i), self.unit_vectors,
+                             transpose_b=True)
+            sims = tf.where(known[:, None], sims, self.popularity[None, :])
+            b = tf.shape(i, out_type=tf.int64)[0]
+            self_pos = tf.stack([tf.range(b), i], axis=1)
+            sims = tf.tensor_scatter_nd_update(sims, self_pos, tf.fill([b], excluded))
+            if self.has_co:
+                co = self._scatter_csr(tf.zeros_like(sims, dtype=tf.int32), i, known,
+                                       self.co_indptr, self.co_indices,
+                                       lambda pos: tf.gather(self.co_data, pos))
+                co = tf.tensor_scatter_nd_update(co, self_pos, tf.zeros([b], tf.int32))
+                # Lexicographic (co-count, cosine), both descending: sort by cosine, then
+                # stable-sort that order by co-count.
+                by_sim = tf.argsort(sims, axis=1, direction="DESCENDING", stable=True)
+                co_by_sim = tf.gather(co, by_sim, batch_dims=1)
+                order = tf.gather(by_sim, tf.argsort(co_by_sim, axis=1, direction="DESCENDING",
+                                                     stable=True), batch_dims=1)[:, :k]
+            else:
+                order = tf.math.top_k(sims, k=k).indices
+                co = tf.zeros_like(sims, dtype=tf.int32)
+            return {"items": self.item_id.lookup(tf.cast(order, tf.int64)),
+                    "scores": tf.gather(sims, order, batch_dims=1),
+                    "co_counts": tf.gather(co, order, batch_dims=1),
+                    "known": known}
+
+    return RecModule()
+
+
+# --------------------------------------------------------------------------- public API
+def export_saved_model(
+    out_dir: str | os.PathLike,
+    version: int,
+    *,
+    params: Any,
+    score_fn: ScoreFn,
+    user_item_scores_fn: UserItemScoresFn,
+    item_vectors_fn: ItemVectorsFn,
+    user_vocab: Sequence[str],
+    item_vocab: Sequence[str],
+    seen: Any,
+    popularity: np.ndarray | None = None,
+    item_category: Sequence[str] | None = None,
+    co_counts: Any = None,
+    model_info: dict | None = None,
+    platforms: Sequence[str] = ("cpu",),
+    verify: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Writes ``<out_dir>/<version>/`` (a SavedModel) and returns that path.
+
+    Args:
+      out_dir: the model directory (TF Serving's ``model_base_path``).
+      version: positive integer; the server picks up the highest version.
+      params: pytree of arrays (numpy or jax); stored as TF variables.
+      score_fn: ``score_fn(params, user_idx int32[b], item_idx int32[b]) -> float32[b]``.
+      user_item_scores_fn: ``(params, user_idx int32[b]) -> float32[b, num_items]``, the
+        score of every item for each user (what ``recommend`` ranks).
+      item_vectors_fn: ``(params) -> float[num_items, d]``; ``similar_items`` ranks by the
+        cosine of these vectors.
+      user_vocab, item_vocab: raw id strings, ``vocab[index] == raw id``.
+      seen: the users' training items as CSR ``(indptr [U+1], indices [nnz])`` (or a
+        ``scipy.sparse.csr_matrix``); excluded from ``recommend``.
+      popularity: float [num_items], ranks items for unknown users; default: number of
+        training interactions per item (from ``seen``).
+      item_category: optional category (string) per item, used by the server's
+        per-category limit.
+      co_counts: optional CSR ``(indptr [I+1], indices, data)`` of co-purchase counts
+        (items bought in the same basket); ranks ``similar_items`` before cosine.
+      model_info: extra JSON-serializable metadata stored in ``assets.extra/jaxreco.json``.
+      platforms: ``jax2tf`` native serialization platforms (``("cpu", "cuda")`` for both).
+      verify: reload the written SavedModel and compare a few scores with JAX; fails with
+        :class:`ExportError` when this TensorFlow cannot run what this JAX wrote.
+      overwrite: replace an existing ``<out_dir>/<version>``.
+    """
+    tf = _import_tf()
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
+        raise ExportError(f"version must be a positive integer (TF Serving layout); got {version!r}")
+    out_dir = Path(out_dir)
+    final = out_dir / str(int(version))
+    if final.exists() and not overwrite:
+        raise ExportError(f"{final} already exists; pick a new version or pass overwrite=True")
+
+    user_vocab = _check_vocab("user_vocab", user_vocab)
+    item_vocab = _check_vocab("item_vocab", item_vocab)
+    num_users, num_items = len(user_vocab), len(item_vocab)
+    if num_items < 2:
+        raise ExportError(f"item_vocab needs at least 2 items; got {num_items}")
+    seen = _as_csr("seen", seen, num_users, num_items, with_data=False)
+    if co_counts is not None:
+        co_counts = _as_csr("co_counts", co_counts, num_items, num_items, with_data=True)
+    if popularity is None:
+        popularity = popularity_from_seen(seen[1], num_items)
+    popularity = np.asarray(popularity, dtype=np.float32)
+    if popularity.shape != (num_items,) or not np.all(np.isfinite(popularity)):
+        raise ExportError(f"popularity must be finite with shape [{num_items}]; "
+                          f"got shape {popularity.shape}")
+    if item_category is not None:
+        item_category = _check_categories(item_category, num_items)
+
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves = [np.asarray(x) for x in leaves]
+    if not leaves:
+        raise ExportError("params is an empty pytree")
+
+    # Shapes first: the functions must give what the signatures promise.
+    p_shapes = jax.tree_util.tree_unflatten(
+        treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves])
+    b = jax.ShapeDtypeStruct((3,), jnp.int32)
+    got = jax.eval_shape(score_fn, p_shapes, b, b)
+    if got.shape != (3,):
+        raise ExportError(f"score_fn(params, user[3], item[3]) must return shape (3,); got {got.shape}")
+    got = jax.eval_shape(user_item_scores_fn, p_shapes, b)
+    if got.shape != (3, num_items):
+        raise ExportError("user_item_scores_fn(params, user[3]) must return shape "
+                          f"(3, {num_items}) (num_items from item_vocab); got {got.shape}")
+    vectors = np.asarray(jax.jit(item_vectors_fn)(params), dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != num_items:
+        raise ExportError(f"item_vectors_fn(params) must return [{num_items}, d]; got {vectors.shape}")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit_vectors = vectors / np.maximum(norms, 1e-12)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{int(version)}-", dir=out_dir))
+    try:
+        src_assets = tmp / "_assets_src"
+        src_assets.mkdir()
+        _write_lines(src_assets / layout.USER_VOCAB_FILE, user_vocab)
+        _write_lines(src_assets / layout.ITEM_VOCAB_FILE, item_vocab)
+        module = _build_module(
+            tf, leaves=leaves, treedef=treedef, score_fn=score_fn,
+            user_item_scores_fn=user_item_scores_fn, unit_vectors=unit_vectors,
+            user_vocab_path=src_assets / layout.USER_VOCAB_FILE,
+            item_vocab_path=src_assets / layout.ITEM_VOCAB_FILE,
+            num_users=num_users, num_items=num_items, seen=seen, popularity=popularity,
+            co_counts=co_counts, platforms=tuple(platforms))
+        saved = tmp / "model"
+        signatures = {
+            layout.SIG_SCORE: module.score.get_concrete_function(),
+            layout.SIG_RECOMMEND: module.recommend.get_concrete_function(),
+            layout.SIG_SIMILAR: module.similar_items.get_concrete_function(),
+            layout.SIG_USER_SCORES: module.user_scores.get_concrete_function(),
+            layout.SIG_DEFAULT: module.recommend.get_concrete_function(),
+        }
+        try:
+            tf.saved_model.save(module, str(saved), signatures=signatures)
+        except Exception as e:
+            raise ExportError(_version_hint(f"tf.saved_model.save failed: {e}")) from e
+        if item_category is not None:
+            _write_lines(saved / "assets" / layout.ITEM_CATEGORY_FILE, item_category)
+        meta = {
+            "format_version": layout.FORMAT_VERSION,
+            "num_users": num_users,
+            "num_items": num_items,
+            "embedding_dim": int(vectors.shape[1]),
+            "has_item_category": item_category is not None,
+            "has_co_counts": co_counts is not None,
+            "signatures": list(layout.SIGNATURES),
+            "excluded_score": layout.EXCLUDED_SCORE,
+            "jax_version": jax.__version__,
+            "tensorflow_version": tf.__version__,
+            "platforms": list(platforms),
+            "created_unix": int(time.time()),
+            "model_info": model_info or {},
+        }
+        (saved / "assets.extra").mkdir(exist_ok=True)
+        (saved / "assets.extra" / layout.METADATA_FILE).write_text(json.dumps(meta, indent=2))
+        del module
+        if verify:
+            _verify(tf, saved, params, score_fn, user_vocab, item_vocab)
+        if final.exists():  # overwrite=True
+            shutil.rmtree(final)
+        os.rename(saved, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _check_categories(item_category, num_items):
+    cats = [str(c) for c in item_category]
+    if len(cats) != num_items:
+        raise ExportError(f"item_category must have one entry per item ({num_items}); got {len(cats)}")
+    for i, c in enumerate(cats):
+        if "\n" in c or "\r" in c:
+            raise ExportError(f"item_category[{i}]={c!r} contains a line break")
+    return cats
+
+
+def _version_hint(msg: str) -> str:
+    import tensorflow as tf
+    return (f"{msg}\nThis jax {jax.__version__} / tensorflow {tf.__version__} pair may not "
+            f"round-trip: exporting is tested with jax {TESTED_JAX} and tensorflow {TESTED_TF} "
+            "(a newer JAX writes StableHLO that an older TensorFlow cannot deserialize). "
+            "Install the tested versions: pip install 'jaxreco[export]'.")
+
+
+def _verify(tf, saved: Path, params, score_fn, user_vocab, item_vocab, n: int = 16) -> None:
+    """Reload the SavedModel and compare ``score`` with JAX on ``n`` random pairs."""
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, len(user_vocab), n).astype(np.int32)
+    i = rng.integers(0, len(item_vocab), n).astype(np.int32)
+    want = np.asarray(jax.jit(score_fn)(params, u, i), dtype=np.float32)
+    try:
+        loaded = tf.saved_model.load(str(saved))
+        got = loaded.signatures[layout.SIG_SCORE](
+            user=tf.constant(user_vocab[u].astype(str)), item=tf.constant(item_vocab[i].astype(str)))
+        got = got["score"].numpy()
+    except Exception as e:
+        raise ExportError(_version_hint(f"reloading the exported SavedModel failed: {e}")) from e
+    err = float(np.max(np.abs(got - want)))
+    if not err <= 1e-4 * max(1.0, float(np.max(np.abs(want)))):
+        raise ExportError(_version_hint(
+            f"the reloaded SavedModel's scores differ from JAX by up to {err:g}"))
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: int,
+               *, step: int | None = None) -> Path:
+    """Exports a trained run directory (its Orbax checkpoint and vocabularies).
+
+    Thin adapter over :func:`export_saved_model`: restore the parameters with
+    :func:`restore_params`, read the vocabularies and training items the trainer saved,
+    take the model's ``score``/``user_item_scores``/``item_vectors`` functions, and call
+    :func:`export_saved_model`.
+    """
+    raise NotImplementedError(
+        f"export_run({str(run_dir)!r}): the trainer's run-directory layout (checkpoint item "
+        "name, vocabulary and seen-items files, model functions) is not wired yet. Until it "
+        "is, call jaxreco.export.export_saved_model(out_dir, version, params=..., "
+        "score_fn=..., user_item_scores_fn=..., item_vectors_fn=..., user_vocab=..., "
+        "item_vocab=..., seen=...) directly; restore_params() reads the Orbax checkpoint.")
+
+
+def restore_params(checkpoint: str | os.PathLike, *, step: int | None = None,
+                   item: str | None = None) -> Any:
+    """Restores a pytree of numpy arrays from an Orbax checkpoint, without a target.
+
+    ``checkpoint`` is a ``CheckpointManager`` directory (its latest step, or ``step``) or one
+    step directory. ``item`` selects one item of a composite checkpoint (e.g. ``"state"``);
+    ``None`` returns the single item if there is just one.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(checkpoint).resolve()
+    if not path.is_dir():
+        raise ExportError(f"checkpoint {path} is not a directory")
+    steps = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+    if steps:  # a manager directory
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ExportError(f"checkpoint {path} has no step {step}; steps: {steps}")
+        path = path / str(step)
+    elif step is not None:
+        raise ExportError(f"{path} is a single checkpoint step, so step={step} makes no sense")
+    items = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not items:
+        raise ExportError(f"{path} holds no checkpoint items")
+    if item is None:
+        if len(items) != 1:
+            raise ExportError(f"{path} holds items {items}; pass item=<one of them>")
+        item = items[0]
+    if item not in items:
+        raise ExportError(f"{path} has no item {item!r}; items: {items}")
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.restore(path / item)
+    return jax.tree_util.tree_map(np.asarray, tree)
