@@ -1,0 +1,43 @@
+"""Command-line entry points (thin: parse config, call a library function)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from omegaconf.errors import OmegaConfBaseException
+
+from jaxreco.data.dataset import DataError
+
+
+def _conf_dir() -> Path:
+    env = os.environ.get("JAXRECO_CONF_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+CONF_DIR = _conf_dir()
+
+
+def quiet_libraries() -> None:
+    """Keeps Orbax/absl INFO chatter out of the run log."""
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.WARNING)
+    for name in ("absl", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turns errors caused by the user's data or config into one line and exit status 2."""
+    try:
+        yield
+    except (DataError, OmegaConfBaseException, ValueError, FileNotFoundError) as e:
+        logging.getLogger("jaxreco").error("%s: %s", type(e).__name__, e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -456,3 +456,78 @@ def fingerprint_files(paths: list[str]) -> list[dict[str, Any]]:
 
 def dumps(x: Any) -> str:
     return json.dumps(x, sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------- sources
+@dataclasses.dataclass
+class Source:
+    """What a dataset source hands to ``prepare``: id-mapped blocks plus side tables.
+
+    Attributes:
+      name: dataset name.
+      user_vocab / item_vocab: raw ids by index (an array, or a function that makes it, for
+        generated sources whose vocabulary is large and trivial).
+      blocks: a function returning an iterator of column blocks. Every block has ``user`` and
+        ``item`` (int32 indices), optionally ``rating`` (float32), ``timestamp`` (int64
+        seconds), ``split`` (int8 0/1/2, only for sources with given splits) and the
+        ``extra_columns``.
+      extra_columns: name -> numpy dtype of further per-row columns (``label``, ``event``...).
+      item_side: per item index: ``category`` (int32 index into ``category_vocab``, -1
+        unknown), ``price`` (float32, NaN unknown).
+      fingerprint: what identifies the raw input (config, file sizes and mtimes, wheel
+        version); part of the key that makes a rerun with the same input a no-op.
+      bad_rows: the ledger the source's readers used (skipped rows end in the quarantine).
+      fixed_negatives: ``{"user": int32 [m], "negatives": int32 [m, N]}``, given evaluation
+        negatives per user (from-files), used instead of sampling.
+      report: extra facts for ``metadata.json`` (e.g. ids seen only in test).
+    """
+
+    name: str
+    user_vocab: Any
+    item_vocab: Any
+    blocks: Any
+    num_rows_hint: int | None = None
+    extra_columns: dict[str, str] = dataclasses.field(default_factory=dict)
+    item_side: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    category_vocab: np.ndarray | None = None
+    fingerprint: Any = None
+    bad_rows: BadRows | None = None
+    given_split: bool = False
+    fixed_negatives: dict[str, np.ndarray] | None = None
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def vocab(self, which: str) -> np.ndarray:
+        v = self.user_vocab if which == "user" else self.item_vocab
+        return np.asarray(v() if callable(v) else v)
+
+    @property
+    def num_users(self) -> int:
+        v = self.user_vocab
+        if callable(v):
+            self.user_vocab = v = v()
+        return len(v)
+
+    @property
+    def num_items(self) -> int:
+        v = self.item_vocab
+        if callable(v):
+            self.item_vocab = v = v()
+        return len(v)
+
+    @classmethod
+    def from_interactions(cls, x, *, fingerprint: Any = None, block_rows: int = 4 << 20,
+                          **kw) -> "Source":
+        """Wraps an in-memory :class:`~jaxreco.data.dataset.Interactions` (and optional extra
+        per-row columns passed as ``extra={name: array}``)."""
+        extra = kw.pop("extra", {}) or {}
+        cols = dict(x.columns())
+        cols.update(extra)
+
+        def blocks():
+            n = len(x)
+            for lo in range(0, max(n, 1), block_rows):
+                if n:
+                    yield {k: v[lo:lo + block_rows] for k, v in cols.items()}
+        return cls(name=x.name, user_vocab=x.user_vocab, item_vocab=x.item_vocab, blocks=blocks,
+                   num_rows_hint=len(x), fingerprint=fingerprint,
+                   extra_columns={k: np.asarray(v).dtype.str for k, v in extra.items()}, **kw)

@@ -37,3 +37,127 @@ def random_split(x: Interactions, *, test_fraction: float, val_fraction: float,
 def split_sha256(splits: dict[str, Interactions]) -> dict[str, str]:
     """sha256 of each split's columns."""
     return {k: array_sha256(v.columns()) for k, v in splits.items()}
+
+
+# ----------------------------------------------------------------------------- split codes
+# The streaming ``prepare`` assigns each row a split code with the functions below, one
+# block of rows at a time; the ``*_split`` functions apply the same rules to a whole table.
+TRAIN, VAL, TEST = 0, 1, 2
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _check_fractions(test_fraction: float, val_fraction: float) -> None:
+    for name, v in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+        if not 0.0 <= v < 1.0:
+            raise DataError(f"split.{name}={v!r}: must be in [0, 1)")
+    if test_fraction + val_fraction >= 1.0:
+        raise DataError(f"split.test_fraction + split.val_fraction = "
+                        f"{test_fraction + val_fraction}: must be < 1")
+
+
+def random_codes(n: int, *, test_fraction: float, val_fraction: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """int8 codes with exactly ``round(n*f)`` test and val rows, uniformly placed."""
+    _check_fractions(test_fraction, val_fraction)
+    perm = rng.permutation(n)
+    n_test, n_val = int(round(n * test_fraction)), int(round(n * val_fraction))
+    codes = np.zeros(n, np.int8)
+    codes[perm[:n_test]] = TEST
+    codes[perm[n_test:n_test + n_val]] = VAL
+    return codes
+
+
+def temporal_cutoffs(timestamps: np.ndarray, *, test_fraction: float,
+                     val_fraction: float) -> tuple[int, int]:
+    """``(val_cut, test_cut)``: rows with ``t > test_cut`` are test, ``val_cut < t <= test_cut``
+    val, the rest train. Cut-offs are order statistics, so ties stay on one side and the
+    fractions are met up to the number of rows sharing the cut-off timestamp."""
+    _check_fractions(test_fraction, val_fraction)
+    ts = np.sort(np.asarray(timestamps))
+    n = len(ts)
+    if n == 0:
+        raise DataError("temporal split of an empty table")
+    k_test = min(n - 1, max(0, n - int(round(n * test_fraction)) - 1))
+    k_val = min(n - 1, max(0, n - int(round(n * (test_fraction + val_fraction))) - 1))
+    return int(ts[k_val]), int(ts[k_test])
+
+
+def temporal_codes(timestamps: np.ndarray, val_cut: int, test_cut: int) -> np.ndarray:
+    codes = np.zeros(len(timestamps), np.int8)
+    codes[timestamps > val_cut] = VAL
+    codes[timestamps > test_cut] = TEST
+    return codes
+
+
+def leave_last_out_codes(user: np.ndarray, timestamp: np.ndarray | None, *, num_val: int = 1,
+                         num_test: int = 1, min_train: int = 1) -> np.ndarray:
+    """Per user, the last ``num_test`` interactions are test and the ``num_val`` before them
+    are val ("last" by timestamp; ties and missing timestamps by row order). Users with
+    fewer than ``num_test + num_val + min_train`` interactions stay entirely in train.
+
+    O(n log n) in general; O(n) when ``user`` is already grouped (sorted), as in ``prepare``.
+    """
+    n = len(user)
+    codes = np.zeros(n, np.int8)
+    if n == 0:
+        return codes
+    grouped = bool(np.all(user[1:] >= user[:-1]))
+    if grouped and timestamp is not None:
+        return _leave_last_out_grouped(user, np.asarray(timestamp, np.int64), num_val,
+                                       num_test, min_train)
+    t = np.zeros(n, np.int64) if timestamp is None else np.asarray(timestamp, np.int64)
+    order = np.arange(n) if grouped else np.lexsort((np.arange(n), t, user))
+    u = user[order]
+    starts = np.flatnonzero(np.concatenate([[True], u[1:] != u[:-1]]))
+    ends = np.concatenate([starts[1:], [n]])
+    size = ends - starts
+    pos_from_end = np.repeat(ends, size) - np.arange(n) - 1  # 0 = user's last row
+    eligible = np.repeat(size >= num_test + num_val + min_train, size)
+    c = np.zeros(n, np.int8)
+    c[eligible & (pos_from_end < num_test)] = TEST
+    c[eligible & (pos_from_end >= num_test) & (pos_from_end < num_test + num_val)] = VAL
+    codes[order] = c
+    return codes
+
+
+def _leave_last_out_grouped(user, t, num_val, num_test, min_train) -> np.ndarray:
+    """O(n) version for rows grouped by user: pick each user's latest remaining row
+    ``num_test + num_val`` times with segment reductions instead of a sort."""
+    n = len(user)
+    starts = np.flatnonzero(np.concatenate([[True], user[1:] != user[:-1]]))
+    size = np.diff(np.concatenate([starts, [n]]))
+    eligible = size >= num_test + num_val + min_train
+    codes = np.zeros(n, np.int8)
+    taken = np.zeros(n, bool)
+    idx = np.arange(n, dtype=np.int64)
+    lowest = np.iinfo(np.int64).min
+    for step in range(num_test + num_val):
+        masked = np.where(taken, lowest, t)
+        gmax = np.maximum.reduceat(masked, starts)
+        at_max = (masked == np.repeat(gmax, size)) & ~taken
+        last = np.maximum.reduceat(np.where(at_max, idx, -1), starts)[eligible]
+        codes[last] = TEST if step < num_test else VAL
+        taken[last] = True
+    return codes
+
+
+def _by_codes(x: Interactions, codes: np.ndarray) -> dict[str, Interactions]:
+    return {name: x.take(np.flatnonzero(codes == i)) for i, name in enumerate(SPLIT_NAMES)}
+
+
+def temporal_split(x: Interactions, *, test_fraction: float,
+                   val_fraction: float) -> dict[str, Interactions]:
+    """Global time cut-off: test is the latest ``test_fraction`` of rows, val the
+    ``val_fraction`` before it, so nothing in train happened after anything in test."""
+    if x.timestamp is None:
+        raise DataError(f"{x.name}: temporal split needs timestamps; this dataset has none")
+    vc, tc = temporal_cutoffs(x.timestamp, test_fraction=test_fraction,
+                              val_fraction=val_fraction)
+    return _by_codes(x, temporal_codes(x.timestamp, vc, tc))
+
+
+def leave_last_out_split(x: Interactions, *, num_val: int = 1, num_test: int = 1,
+                         min_train: int = 1) -> dict[str, Interactions]:
+    """Leave-last-out per user (see :func:`leave_last_out_codes`)."""
+    return _by_codes(x, leave_last_out_codes(x.user, x.timestamp, num_val=num_val,
+                                             num_test=num_test, min_train=min_train))

@@ -68,8 +68,12 @@ def _err(status: int, message: str) -> Response:
 
 
 # ---------------------------------------------------------------------- body size limit
-class BodyLimitMiddleware:
-    """Answers 413 to bodies over ``limit`` bytes, declared or streamed, without reading more."""
+class RequestGuardMiddleware:
+    """Answers 413 to bodies over ``limit`` bytes, declared or streamed, without reading more.
+
+    It also reads every POST body as JSON whatever its Content-Type, as TF Serving does
+    (``curl -d`` sends ``application/x-www-form-urlencoded``).
+    """
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -77,6 +81,9 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
+            scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
         for k, v in scope.get("headers", ()):
             if k == b"content-length":
                 try:
@@ -319,19 +326,26 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
         parts = []
-        for err in e.errors()[:10]:
-            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-            if err.get("type") == "json_invalid":
-                ctx = err.get("ctx", {}).get("error", "")
-                parts.append(f"malformed JSON body: {ctx}".strip())
-                continue
+        for err in e.errors()[:20]:
+            loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+            typ = err.get("type", "")
             msg = err.get("msg", "invalid")
-            if err.get("type") == "missing":
+            if typ == "json_invalid":
+                msg = f"malformed JSON body: {err.get('ctx', {}).get('error', '')}".strip()
+                loc = []
+            elif loc and loc[-1] in ("str", "int") and typ in ("string_type", "int_type"):
+                loc, msg = loc[:-1], "must be an id: a string or an integer"
+            elif typ == "missing":
                 msg = "field required"
-            elif err.get("type") == "extra_forbidden":
+            elif typ == "extra_forbidden":
                 msg = "unknown field"
-            parts.append(f"{loc}: {msg}")
-        return _err(400, "; ".join(parts) or "invalid request")
+            elif typ == "model_attributes_type" and not loc:
+                msg = "the body must be a JSON object"
+            msg = msg.removeprefix("Value error, ")
+            part = f"{'.'.join(loc)}: {msg}" if loc else msg
+            if part not in parts:
+                parts.append(part)
+        return _err(400, "; ".join(parts[:5]) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
@@ -480,5 +494,5 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         loop = asyncio.get_running_loop()
         return _json(await loop.run_in_executor(executor, _similar, m, items, req.k))
 
-    app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
+    app.add_middleware(RequestGuardMiddleware, limit=config.max_body_bytes)
     return app

@@ -1,0 +1,97 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+The YAML files under ``conf/`` extend these schemas (``defaults: [<group>/_schema]``), so
+a misspelt key or a value of the wrong type (``trainer.batch_size=abc``) is rejected when
+the config is composed, before any work starts, with a message naming the key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclasses.dataclass
+class SplitConfig:
+    kind: str = "random"
+    test_fraction: float = 0.1
+    val_fraction: float = 0.05      # carved from what remains after the test split
+    seed: int = 0                   # the data split's seed (independent of the model seed)
+
+
+@dataclasses.dataclass
+class MovieLensConfig:
+    name: str = MISSING
+    path: Optional[str] = None      # directory with GroupLens ratings.dat / u.data; None = wheel
+    data_dir: Optional[str] = None  # cache root; None = $JAXRECO_CACHE or ~/.cache/jaxreco
+    rating_range: list[float] = dataclasses.field(default_factory=lambda: [1.0, 5.0])
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+
+
+@dataclasses.dataclass
+class MFConfig:
+    name: str = "mf"
+    dim: int = 64
+    init_std: float = 0.01
+    reg: float = 0.05               # λ of the per-rating Frobenius term
+    bias_reg: float = 0.0
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    name: str = "lazy_adam"         # row-sparse optimizer of the tables: sgd|adagrad|lazy_adam
+    lr: float = 0.002
+    dense_name: str = "adam"        # optax optimizer of the dense parameters
+    dense_lr: float = 0.001
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    batch_size: int = 1024
+    epochs: int = 20
+    patience: int = 2               # stop after this many epochs without a better val metric
+    eval_batch_size: int = 65536
+    log_every_steps: int = 100
+    checkpoint: bool = True
+    keep_checkpoints: int = 2       # latest K kept, plus the best
+    async_checkpoint: bool = True
+    progress_bar: bool = True
+    max_steps: Optional[int] = None  # stop early after this many steps (smoke tests)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    name: str = "single"
+    axes: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "model": 1})
+    rules: dict[str, Optional[str]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    name: str = MISSING             # experiment name: outputs/<name>/<timestamp>
+    seed: int = 0
+    dataset: Any = MISSING
+    model: Any = MISSING
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="dataset", name="_movielens_schema", node=MovieLensConfig)
+    cs.store(group="model", name="_mf_schema", node=MFConfig)
+    cs.store(group="optimizer", name="_schema", node=OptimizerConfig)
+    cs.store(group="trainer", name="_schema", node=TrainerConfig)
+    cs.store(group="mesh", name="_schema", node=MeshConfig)
+    cs.store(group="logger", name="_schema", node=LoggerConfig)
