@@ -1,0 +1,48 @@
+"""``jaxreco-export``: a trained run directory -> ``<out_dir>/<version>/`` SavedModel.
+
+    jaxreco-export --run-dir outputs/ml1m_mf/2026-01-01_00-00-00 --out-dir models/ml1m \
+        [--version N] [--step S]
+
+``--version`` defaults to one more than the highest version already in ``--out-dir`` (TF
+Serving serves the highest). Needs the ``[export]`` extra (TensorFlow); see
+docs/serving.md for the JAX/TensorFlow versions that export and serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def next_version(out_dir: str) -> int:
+    try:
+        names = os.listdir(out_dir)
+    except FileNotFoundError:
+        return 1
+    versions = [int(n) for n in names if n.isdigit() and int(n) > 0]
+    return max(versions, default=0) + 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="jaxreco-export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", required=True, help="trained run directory (checkpoint + vocabularies)")
+    p.add_argument("--out-dir", required=True, help="model directory; the version goes below it")
+    p.add_argument("--version", type=int, default=None, help="default: highest existing + 1")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    args = p.parse_args(argv)
+    version = args.version if args.version is not None else next_version(args.out_dir)
+
+    from jaxreco.export import ExportError, export_run
+
+    try:
+        path = export_run(args.run_dir, args.out_dir, version, step=args.step)
+    except (ExportError, NotImplementedError, FileNotFoundError) as e:
+        print(f"jaxreco-export: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
