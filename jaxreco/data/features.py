@@ -75,32 +75,46 @@ def price_bucket(price: np.ndarray, buckets: int) -> np.ndarray:
     return out
 
 
-def check_leakage(train_blocks: Iterable[dict[str, np.ndarray]],
-                  eval_blocks: Iterable[tuple[str, dict[str, np.ndarray]]], *,
+def check_leakage(groups: Iterable[tuple[dict[str, np.ndarray],
+                                         list[tuple[str, dict[str, np.ndarray]]]]], *,
                   user_features: dict[str, np.ndarray], item_features: dict[str, np.ndarray],
                   split_kind: str, cutoffs: tuple[int, int] | None = None,
                   pairs_unique: bool = False) -> dict[str, int]:
     """Raises DataError if an evaluation interaction fed a training feature.
 
-    Checks: (1) every count feature equals its recomputation from ``train_blocks`` alone;
-    (2) every user's ``last_ts`` is the latest *train* timestamp; (3) for a temporal split,
-    no train row is later than the test cut-off and no test row earlier; for leave-last-out,
-    no user has a train row later than their test rows; (4) with ``pairs_unique`` (the data
-    were de-duplicated), no (user, item) pair of an evaluation split is also in train.
-    Blocks are ``{"user", "item", "timestamp"?}``; for (4) train and evaluation blocks of
-    the same users must come in matching order (shard by shard, as ``prepare`` writes them).
+    ``groups`` yields ``(train_block, [(split_name, eval_block), ...])`` per shard group;
+    a user's rows of every split must be in one group (``prepare`` shards by user range,
+    an in-memory check passes one group). Blocks are ``{"user", "item", "timestamp"?}``.
+
+    Checks: (1) every count feature equals its recomputation from train rows alone;
+    (2) every user's ``last_ts`` is their latest *train* timestamp; (3) temporal split: no
+    train row after the validation cut-off, no evaluation row at or before its cut-off;
+    leave-last-out: no user has a train row later than their evaluation rows; (4) with
+    ``pairs_unique`` (data were de-duplicated), no evaluation (user, item) pair is in train.
 
     Returns counts of what was checked.
     """
     nu, ni = len(user_features["history_len"]), len(item_features["popularity"])
     acc = FeatureAccumulator(nu, ni)
-    train_keys: list[np.ndarray] = []
-    n_train = 0
-    for b in train_blocks:
-        acc.add(b["user"], b["item"], b.get("timestamp"))
-        n_train += len(b["user"])
+    n_train = n_eval = 0
+    deferred: list[tuple[str, dict[str, np.ndarray]]] = []
+    for train, evals in groups:
+        acc.add(train["user"], train["item"], train.get("timestamp"))
+        n_train += len(train["user"])
+        tkeys = None
         if pairs_unique:
-            train_keys.append(b["user"].astype(np.int64) * ni + b["item"])
+            tkeys = np.sort(train["user"].astype(np.int64) * ni + train["item"])
+        for split, b in evals:
+            n_eval += len(b["user"])
+            deferred.append((split, {k: b[k] for k in ("user", "timestamp") if k in b}))
+            if tkeys is not None and len(tkeys):
+                keys = b["user"].astype(np.int64) * ni + b["item"]
+                at = np.minimum(np.searchsorted(tkeys, keys), len(tkeys) - 1)
+                hit = tkeys[at] == keys
+                if hit.any():
+                    k = int(np.flatnonzero(hit)[0])
+                    raise DataError(f"leakage: {split} pair user={int(b['user'][k])}, "
+                                    f"item={int(b['item'][k])} is also in train")
     for name, want, got in (("history_len", user_features["history_len"], acc.user_count),
                             ("popularity", item_features["popularity"], acc.item_count)):
         diff = np.flatnonzero(np.asarray(want, np.int64) != got)
@@ -116,31 +130,22 @@ def check_leakage(train_blocks: Iterable[dict[str, np.ndarray]],
             raise DataError(f"leakage: user_features.last_ts[{k}] = "
                             f"{int(user_features['last_ts'][k])} but the latest train timestamp "
                             f"of user {k} is {int(acc.user_last[k])}")
-    tkeys = np.unique(np.concatenate(train_keys)) if train_keys else np.zeros(0, np.int64)
-    n_eval = 0
-    for split, b in eval_blocks:
-        n_eval += len(b["user"])
+    for split, b in deferred:
         ts = b.get("timestamp")
-        if ts is not None and len(ts):
-            if split_kind == "temporal" and cutoffs is not None:
-                limit = cutoffs[1] if split == "test" else cutoffs[0]
-                if ts.min() <= limit:
-                    raise DataError(f"leakage: {split} row at t={int(ts.min())} is not after the "
-                                    f"cut-off {limit}")
-            if split_kind == "leave_last_out":
-                late = acc.user_last[b["user"]] > ts
-                if late.any():
-                    k = int(np.flatnonzero(late)[0])
-                    raise DataError(f"leakage: user {int(b['user'][k])} has a train row at "
-                                    f"t={int(acc.user_last[b['user'][k]])}, after its {split} "
-                                    f"row at t={int(ts[k])}")
-        if pairs_unique and len(tkeys):
-            keys = b["user"].astype(np.int64) * ni + b["item"]
-            hit = np.isin(keys, tkeys)
-            if hit.any():
-                k = int(np.flatnonzero(hit)[0])
-                raise DataError(f"leakage: ({split}) pair user={int(b['user'][k])}, "
-                                f"item={int(b['item'][k])} is also in train")
+        if ts is None or not len(ts):
+            continue
+        if split_kind == "temporal" and cutoffs is not None:
+            limit = cutoffs[1] if split == "test" else cutoffs[0]
+            if ts.min() <= limit:
+                raise DataError(f"leakage: {split} row at t={int(ts.min())} is not after the "
+                                f"cut-off {limit}")
+        if split_kind == "leave_last_out":
+            late = acc.user_last[b["user"]] > ts
+            if late.any():
+                k = int(np.flatnonzero(late)[0])
+                raise DataError(f"leakage: user {int(b['user'][k])} has a train row at "
+                                f"t={int(acc.user_last[b['user'][k]])}, after its {split} "
+                                f"row at t={int(ts[k])}")
     if split_kind == "temporal" and cutoffs is not None and n_train:
         if acc.user_last.max() > cutoffs[0]:
             raise DataError(f"leakage: a train row at t={int(acc.user_last.max())} is after the "

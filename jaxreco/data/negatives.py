@@ -45,30 +45,48 @@ class Sampler:
                           self.num_items - 1).astype(np.int32)
 
 
-def _first_valid(cand: np.ndarray, users: np.ndarray, pos_keys: np.ndarray,
-                 num_items: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen [rows, n], ok [rows]) — the first n distinct non-positive draws per row."""
-    keys = users[:, None].astype(np.int64) * num_items + cand
-    at = np.searchsorted(pos_keys, keys)
-    is_pos = pos_keys[np.minimum(at, len(pos_keys) - 1)] == keys if len(pos_keys) else \
-        np.zeros(keys.shape, bool)
-    order = np.argsort(cand, axis=1, kind="stable")
-    s = np.take_along_axis(cand, order, axis=1)
-    dup_sorted = np.zeros(cand.shape, bool)
-    dup_sorted[:, 1:] = s[:, 1:] == s[:, :-1]          # later repeats (stable sort)
-    dup = np.zeros(cand.shape, bool)
-    np.put_along_axis(dup, order, dup_sorted, axis=1)
-    valid = ~is_pos & ~dup
-    ok = valid.sum(1) >= n
-    first = np.argsort(~valid, axis=1, kind="stable")[:, :n]
-    return np.take_along_axis(cand, first, axis=1), ok
+class PositiveSet:
+    """Membership test for ``user * num_items + item`` keys, fast for many queries.
+
+    A byte table indexed by a multiplicative hash of the key filters out almost every
+    query with one independent memory load (no dependent binary-search chain); the few that
+    hit the table are checked exactly by binary search in the sorted keys.
+    """
+
+    _MUL = np.uint64(0x9E3779B97F4A7C15)
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = np.asarray(keys, np.int64)
+        bits = int(np.clip(np.ceil(np.log2(max(len(self.keys), 1) * 32)), 10, 28))
+        self.shift = np.uint64(64 - bits)
+        self.table = np.zeros(1 << bits, np.bool_)
+        self.table[self._hash(self.keys)] = True
+
+    def _hash(self, k: np.ndarray) -> np.ndarray:
+        return ((k.astype(np.uint64) * self._MUL) >> self.shift).astype(np.intp)
+
+    def contains(self, k: np.ndarray) -> np.ndarray:
+        out = self.table[self._hash(k)]
+        maybe = np.flatnonzero(out)
+        if len(maybe) and len(self.keys):
+            q = k.reshape(-1)[maybe] if k.ndim > 1 else k[maybe]
+            at = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
+            flat = out.reshape(-1)
+            flat[maybe] = self.keys[at] == q
+        return out
 
 
 def sample_negatives(users: np.ndarray, pos_keys: np.ndarray, *, num_items: int, n: int,
                      sampler: Sampler, rng: np.random.Generator,
                      positives_per_user: np.ndarray | None = None,
-                     block: int = 65536) -> np.ndarray:
-    """int32 ``[len(users), n]`` negatives, distinct per row, never a positive of the user.
+                     block: int = 1 << 18) -> np.ndarray:
+    """int32 ``[len(users), n]`` negatives, distinct and sorted per row, never a positive.
+
+    Each row starts with ``n`` draws; a slot holding a positive of the user or repeating
+    another slot of its row is redrawn, until none is. For a uniform sampler that yields a
+    uniformly random ``n``-subset of the user's non-positive items (the procedure is
+    symmetric in the items); for popularity weights it is successive weighted sampling
+    without replacement.
 
     Args:
       users: user index of each evaluation row.
@@ -88,23 +106,27 @@ def sample_negatives(users: np.ndarray, pos_keys: np.ndarray, *, num_items: int,
             raise DataError(f"negatives.num={n}: user index {u} has only "
                             f"{num_items - int(positives_per_user[u])} non-positive items among "
                             f"{num_items}; lower negatives.num or filter such users")
-    m = max(2 * n, n + 16)
+    pos = PositiveSet(pos_keys)
     for lo in range(0, len(users), block):
         u = users[lo:lo + block]
-        cand = sampler.draw(rng, (len(u), m))
-        chosen, ok = _first_valid(cand, u, pos_keys, num_items, n)
-        out[lo:lo + block] = chosen
-        rows = np.flatnonzero(~ok)
-        pool = cand[rows]
-        tries = 0
-        while len(rows):
-            tries += 1
-            if tries > 30:
-                raise DataError(f"negatives: could not draw {n} distinct non-positive items for "
-                                f"user index {int(u[rows[0]])} after 30 tries; the sampler's "
-                                "support is too small — lower negatives.num")
-            pool = np.concatenate([pool, sampler.draw(rng, (len(rows), m))], 1)
-            chosen, ok_r = _first_valid(pool, u[rows], pos_keys, num_items, n)
-            out[lo + rows[ok_r]] = chosen[ok_r]
-            rows, pool = rows[~ok_r], pool[~ok_r]
+        cand = sampler.draw(rng, (len(u), n))
+        rows = np.arange(len(u))
+        for tries in range(1000):
+            sub = cand[rows]
+            sub.sort(axis=1)
+            bad = pos.contains(u[rows, None] * num_items + sub)
+            bad[:, 1:] |= sub[:, 1:] == sub[:, :-1]
+            cand[rows] = sub
+            hit = bad.any(axis=1)
+            if not hit.any():
+                break
+            rows, bad = rows[hit], bad[hit]
+            sub = cand[rows]
+            sub[bad] = sampler.draw(rng, int(bad.sum()))
+            cand[rows] = sub
+        else:
+            raise DataError(f"negatives: could not draw {n} distinct non-positive items for "
+                            f"user index {int(u[rows[0]])}; the sampler's support is too "
+                            "small — lower negatives.num")
+        out[lo:lo + block] = cand
     return out
