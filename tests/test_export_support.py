@@ -196,3 +196,106 @@ def same_ranking(got: list[int], want: list[int], scores: np.ndarray, tol=1e-5) 
 
 def load_support():
     return sys.modules[__name__]
+
+
+# --------------------------------------------------------------------- a served model
+class Client:
+    """Minimal JSON client over one keep-alive connection to 127.0.0.1 (stdlib only)."""
+
+    def __init__(self, port: int, timeout: float = 30):
+        import http.client
+        self.port, self.timeout = port, timeout
+        self._conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+    def request(self, method: str, path: str, body=None, headers=None):
+        import http.client
+        import json as _json
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = _json.dumps(body)
+        for attempt in (0, 1):
+            try:
+                self._conn.request(method, path, body=body, headers=headers or {})
+                r = self._conn.getresponse()
+                raw = r.read()
+                break
+            except (http.client.HTTPException, ConnectionError):
+                self._conn.close()
+                self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+                if attempt:
+                    raise
+        if r.getheader("connection", "").lower() == "close":
+            self._conn.close()
+        try:
+            data = _json.loads(raw) if raw else None
+        except ValueError:
+            data = raw
+        return r.status, data
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def post(self, path, body, headers=None):
+        return self.request("POST", path, body, headers)
+
+    def close(self):
+        self._conn.close()
+
+
+class Server:
+    """``jaxreco-serve`` in a subprocess where importing jax fails."""
+
+    def __init__(self, model_dir, log_path, *args: str):
+        import subprocess
+        self.port = free_port()
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "w")
+        program = BLOCK_JAX + "from jaxreco.serve.cli import main\nsys.exit(main())\n"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", program, "--model-dir", str(model_dir), "--port", str(self.port),
+             "--log-level", "warning", *args],
+            env=subprocess_env(), cwd=str(REPO), stdout=self._log, stderr=subprocess.STDOUT)
+        self.client = Client(self.port)
+
+    def wait(self, path="/readyz", status=200, timeout=120.0):
+        import time
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                st, _ = Client(self.port, timeout=5).get(path)
+                if st == status:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{path} did not answer {status} in {timeout} s:\n{self.log()[-3000:]}")
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def mapped_files(self) -> set[str]:
+        out = set()
+        for line in Path(f"/proc/{self.proc.pid}/maps").read_text().splitlines():
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6:
+                out.add(parts[5])
+        return out
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()

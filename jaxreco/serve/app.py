@@ -93,33 +93,32 @@ class RequestGuardMiddleware:
                 if n > self.limit:
                     return await _asgi_error(
                         send, 413, f"request body of {n} bytes exceeds the limit of {self.limit} bytes")
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # Read the whole body here (at most ``limit`` bytes are ever held), then replay it.
+        chunks, size, more = [], 0, True
+        while more:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge()
-            return msg
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await _asgi_error(
+                    send, 413, f"request body exceeds the limit of {self.limit} bytes")
+            chunks.append(chunk)
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
 
-        async def tracking_send(msg):
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _asgi_error(send, 413, f"request body exceeds the limit of {self.limit} bytes")
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _asgi_error(send, status: int, message: str) -> None:
@@ -336,7 +335,7 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
             elif loc and loc[-1] in ("str", "int") and typ in ("string_type", "int_type"):
                 loc, msg = loc[:-1], "must be an id: a string or an integer"
             elif typ == "missing":
-                msg = "field required"
+                msg = "field required" if loc else "missing JSON body: send a JSON object"
             elif typ == "extra_forbidden":
                 msg = "unknown field"
             elif typ == "model_attributes_type" and not loc:
