@@ -96,3 +96,17 @@ def eval_batches(cols: dict[str, np.ndarray], batch_size: int):
         idx = np.arange(start, start + batch_size)
         idx[stop - start:] = 0
         yield {k: v[idx] for k, v in cols.items()}, stop - start
+
+
+def load_prepared_columns(path: str, split: str = "train",
+                          columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Numpy columns of a split written by ``jaxreco.data.prepare`` (all shards, in order),
+    ready for :func:`train_dataset` / :func:`eval_batches`.
+
+    ``split`` is ``train``/``val``/``test`` or ``val_candidates``/``test_candidates`` (the
+    fixed evaluation negatives: ``user``, ``item`` and a 2-D ``negatives`` column).
+    Columns come back contiguous, so each batch is one vectorised gather per column.
+    """
+    from jaxreco.data.prepare import load_split
+    cols = load_split(path, split, columns)
+    return {k: np.ascontiguousarray(v) for k, v in cols.items()}

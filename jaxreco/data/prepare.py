@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "negatives": {"num": 99, "sampler": "uniform", "seed": 0},
     "features": {"price_buckets": 10},
     "num_buckets": None,         # default: one per ~4M input rows
-    "compression": "zstd",
+    "compression": "lz4",       # Parquet codec: lz4 | zstd | snappy | none
     "leakage_check": True,
     "progress": True,
     "temp_dir": None,            # local scratch (default: beside a local output, else /tmp)
@@ -259,7 +259,7 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
     r_lo, r_hi = prep["rating_min"], prep["rating_max"]
     bar = progress(total=hint, desc="ingest", unit="rows", unit_scale=True)
     try:
-        for block in src.blocks():
+        for block in _prefetch(src.blocks()):
             n = len(block["user"])
             counts["raw_rows"] += n
             keep = _range_check(block, src.name, row0, bad, ts_lo, ts_hi, r_lo, r_hi, nu, ni)
@@ -478,7 +478,7 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
         cand_shards: dict[str, list[str]] = {"val": [], "test": []}
         for b in progress(sorted(eval_pos), desc="negatives", unit="bucket"):
             d = buckets.read(b, ["user", "item"])
-            keys = np.unique(d["user"].astype(np.int64) * ni2 + d["item"])
+            keys = _sorted_unique(d["user"].astype(np.int64) * ni2 + d["item"])
             per_user = np.bincount(d["user"], minlength=nu2)
             for code, name in ((1, "val"), (2, "test")):
                 if name not in eval_pos[b]:
@@ -551,6 +551,43 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
     }
 
 
+def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
+    """Runs a block iterator in a thread, ``depth`` blocks ahead (numpy releases the GIL,
+    so generation or parsing overlaps with partitioning and writing)."""
+    import queue
+    import threading
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work():
+        try:
+            for x in it:
+                q.put(x)
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    while True:
+        x = q.get()
+        if x is done:
+            break
+        if isinstance(x, BaseException):
+            raise x
+        yield x
+    th.join()
+
+
+def _sorted_unique(k: np.ndarray) -> np.ndarray:
+    """Sorted unique values; O(n) when already sorted (buckets are sorted by key).
+    (``np.unique`` hashes in numpy 2.x, ~10x slower than this on sorted input.)"""
+    if len(k) > 1 and not np.all(k[1:] >= k[:-1]):
+        k = np.sort(k)
+    if len(k) > 1:
+        k = k[np.concatenate([[True], k[1:] != k[:-1]])]
+    return k
+
+
 def _drain(pending: list, keep: int) -> None:
     while len(pending) > keep:
         pending.pop(0).result()
@@ -600,38 +637,41 @@ def _range_check(block, name, row0, bad: BadRows, ts_lo, ts_hi, r_lo, r_hi, nu, 
 
 
 def _dedup(d: dict[str, np.ndarray], policy: str, ni: int, given: bool) -> dict[str, np.ndarray]:
-    """Sorts a bucket by (user, item) and resolves duplicate pairs per ``policy``."""
+    """Sorts a bucket by (user, item) and resolves duplicate pairs per ``policy``.
+
+    ``last`` keeps, per pair, the row with the largest timestamp, ties going to the later
+    arrival (the larger row index in the bucket file, which is arrival order).
+    """
     n = len(d["user"])
     key = d["user"].astype(np.int64) * ni + d["item"]
     if given:  # duplicates are resolved within each given split; keep users grouped
         key = key * 3 + d["split"]
-    order = np.argsort(key, kind="stable")
+    order = np.argsort(key)  # unstable is fine: ties are resolved by original index below
     key = key[order]
-    d = {k: v[order] for k, v in d.items()}
     if policy == "none" or n == 0:
-        return d
+        return {k: v[order] for k, v in d.items()}
     starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
     if len(starts) == n:
+        out = {k: v[order] for k, v in d.items()}
         if policy == "aggregate":
-            d["count"] = np.ones(n, np.int32)
-        return d
+            out["count"] = np.ones(n, np.int32)
+        return out
     size = np.diff(np.concatenate([starts, [n]]))
-    idx = np.arange(n, dtype=np.int64)  # stable sort: idx order == arrival order in a group
     if "timestamp" in d:
-        ts = d["timestamp"]
+        ts = d["timestamp"][order]
         gmax = np.maximum.reduceat(ts, starts)
         at = ts == np.repeat(gmax, size)
-        pick = np.maximum.reduceat(np.where(at, idx, -1), starts)
+        pick = np.maximum.reduceat(np.where(at, order, -1), starts)
     else:
-        pick = starts + size - 1
+        pick = np.maximum.reduceat(order, starts)
     out = {k: v[pick] for k, v in d.items()}
     if policy == "aggregate":
         out["count"] = size.astype(np.int32)
         for c in ("label", "event"):
             if c in d:
-                out[c] = np.maximum.reduceat(d[c], starts)
+                out[c] = np.maximum.reduceat(d[c][order], starts)
         if "rating" in d:
-            out["rating"] = (np.add.reduceat(d["rating"].astype(np.float64), starts)
+            out["rating"] = (np.add.reduceat(d["rating"][order].astype(np.float64), starts)
                              / size).astype(np.float32)
     return out
 

@@ -200,14 +200,17 @@ def to_arrow(cols: dict[str, np.ndarray]) -> pa.Table:
     return pa.table(arrays, names=names)
 
 
-def write_parquet(path: str, cols: dict[str, np.ndarray], *, compression: str = "zstd") -> None:
+def write_parquet(path: str, cols: dict[str, np.ndarray], *, compression: str = "lz4") -> None:
+    """One Parquet file. lz4 without dictionary encoding: ~3x faster to write and read than
+    zstd here, for ~1.8x the size (ids and timestamps compress poorly anyway)."""
     table = to_arrow(cols)
+    kw = dict(compression=compression, use_dictionary=False, row_group_size=1 << 20)
     if is_local(path):
         os.makedirs(os.path.dirname(os.path.abspath(_local(path))), exist_ok=True)
-        pq.write_table(table, _local(path), compression=compression, row_group_size=1 << 20)
+        pq.write_table(table, _local(path), **kw)
     else:
         with open_file(path, "wb") as f:
-            pq.write_table(table, f, compression=compression, row_group_size=1 << 20)
+            pq.write_table(table, f, **kw)
 
 
 def read_parquet_columns(path: str, columns: list[str] | None = None) -> dict[str, np.ndarray]:
