@@ -1,6 +1,6 @@
 """Typed config schemas, registered in Hydra's ConfigStore.
 
-The YAML files under ``conf/`` extend these schemas (``defaults: [<group>/_schema]``), so
+The YAML files under ``conf/`` extend these schemas (``defaults: [/schema/<group>/<name>@_here_]``), so
 a misspelt key or a value of the wrong type (``trainer.batch_size=abc``) is rejected when
 the config is composed, before any work starts, with a message naming the key and value.
 """
@@ -89,9 +89,10 @@ class TrainConfig:
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="dataset", name="_movielens_schema", node=MovieLensConfig)
-    cs.store(group="model", name="_mf_schema", node=MFConfig)
-    cs.store(group="optimizer", name="_schema", node=OptimizerConfig)
-    cs.store(group="trainer", name="_schema", node=TrainerConfig)
-    cs.store(group="mesh", name="_schema", node=MeshConfig)
-    cs.store(group="logger", name="_schema", node=LoggerConfig)
+    # Group YAMLs extend these with `defaults: [/schema/<group>/<name>@_here_]`.
+    cs.store(group="schema/dataset", name="movielens", node=MovieLensConfig)
+    cs.store(group="schema/model", name="mf", node=MFConfig)
+    cs.store(group="schema/optimizer", name="default", node=OptimizerConfig)
+    cs.store(group="schema/trainer", name="default", node=TrainerConfig)
+    cs.store(group="schema/mesh", name="default", node=MeshConfig)
+    cs.store(group="schema/logger", name="default", node=LoggerConfig)

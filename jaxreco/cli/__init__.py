@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from jaxreco.data.dataset import DataError
@@ -37,7 +38,12 @@ def user_errors():
     """Turns errors caused by the user's data or config into one line and exit status 2."""
     try:
         yield
-    except (DataError, OmegaConfBaseException, ValueError, FileNotFoundError) as e:
-        logging.getLogger("jaxreco").error("%s: %s", type(e).__name__, e)
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, HydraException, OmegaConfBaseException, ValueError, FileNotFoundError) as e:
+        msg = str(e).split("\nConfig search path")[0].strip()
+        cause = e.__cause__
+        if cause is not None and str(cause).split("\n")[0] not in msg:
+            msg += f": {str(cause).splitlines()[0]}"
+        if logging.getLogger().handlers:       # inside a Hydra job: also into the run's log
+            logging.getLogger("jaxreco").error(msg)
+        print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)

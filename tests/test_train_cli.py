@@ -1,0 +1,76 @@
+"""Smoke tests of the real `jaxreco-train` entry point with tiny overrides."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+KEYS = {"test/rmse", "test/mae", "val/rmse", "val/mae", "train/loss", "train/steps",
+        "train/best_step", "perf/train_seconds", "perf/examples_per_sec"}
+
+
+def _train(tmp_path, ml_dir, *extra, run="run"):
+    out = tmp_path / run
+    p = run_cli(["jaxreco.cli.train", f"dataset.path={ml_dir}", f"hydra.run.dir={out}",
+                 "trainer.batch_size=128", "trainer.epochs=6", "trainer.patience=10",
+                 "trainer.log_every_steps=5", "trainer.progress_bar=false",
+                 "trainer.async_checkpoint=false", "model.dim=8", "optimizer.lr=0.02", *extra],
+                cwd=tmp_path, env_extra={"JAXRECO_CACHE": str(tmp_path / "cache")})
+    return p, out
+
+
+def _scalars(logdir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
+def test_train_smoke_loss_falls_and_writes_run_dir(tmp_path, ml_dir):
+    p, out = _train(tmp_path, ml_dir)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert KEYS <= set(m)
+    assert m["train/steps"] > 0 and 0.0 < m["test/rmse"] < 1.5
+    losses = _scalars(out / "tb", "train/loss")
+    assert len(losses) >= 5 and losses[-1] < 0.7 * losses[0]
+    assert len(_scalars(out / "tb", "eval/val/rmse")) == 6
+    splits = json.loads((out / "splits.json").read_text())
+    assert len(splits["test/sha256"]) == 64 and splits["train/size"] > 0
+    assert (out / "config.yaml").read_text().count("batch_size: 128") == 1
+    assert any((out / "checkpoints").iterdir())
+
+
+def test_rerun_is_deterministic_and_resume_continues(tmp_path, ml_dir):
+    p1, a = _train(tmp_path, ml_dir, run="a")
+    p2, b = _train(tmp_path, ml_dir, run="b")
+    assert p1.returncode == 0 and p2.returncode == 0, p2.stderr[-2000:]
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    det = {k: v for k, v in ma.items() if not k.startswith("perf/")}
+    assert det == {k: v for k, v in mb.items() if not k.startswith("perf/")}
+    # Interrupted run: stop after 3 epochs' worth of steps, then rerun in the same dir.
+    p3, c = _train(tmp_path, ml_dir, "trainer.epochs=3", run="c")
+    assert p3.returncode == 0
+    p4, c = _train(tmp_path, ml_dir, run="c")
+    assert p4.returncode == 0, p4.stderr[-2000:]
+    mc = json.loads((c / "metrics.json").read_text())
+    assert {k: v for k, v in mc.items() if not k.startswith("perf/")} == det
+
+
+@pytest.mark.parametrize("override, message", [
+    (["dataset=nope"], "Could not find 'dataset/nope'"),
+    (["trainer.batch_size=abc"], "could not be converted to Integer"),
+    (["dataset.path=/nonexistent/dir"], "dataset.path='/nonexistent/dir': no such directory"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, ml_dir, override, message):
+    out = tmp_path / "bad"
+    p = run_cli(["jaxreco.cli.train", f"hydra.run.dir={out}", *override], cwd=tmp_path,
+                env_extra={"JAXRECO_CACHE": str(tmp_path / "cache")})
+    assert p.returncode != 0
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (out / "metrics.json").exists()
