@@ -129,6 +129,8 @@ class _LineMap:
         self._skipped: np.ndarray | None = None
 
     def _blank_lines(self) -> np.ndarray:
+        if getattr(self, "_blank", None) is not None:
+            return self._blank
         with self._opener() as f:
             buf = np.frombuffer(f.read(), np.uint8)
         nl = np.flatnonzero(buf == 10)
@@ -140,12 +142,20 @@ class _LineMap:
         cr[nz] = buf[np.minimum(starts[nz], len(buf) - 1)] == 13
         blank = (length == 0) | ((length == 1) & cr)
         blank[-1] = False  # the empty "line" after a trailing newline is no line
-        return np.flatnonzero(blank)
+        self._blank = np.flatnonzero(blank)
+        return self._blank
+
+    def physical(self, nonblank_number: int) -> int:
+        """1-based physical line of pyarrow's row number (1-based, blank lines not counted)."""
+        b = self._blank_lines()
+        k = nonblank_number - 1
+        return int(k + np.searchsorted(b - np.arange(len(b)), k, side="right")) + 1
 
     def lines(self, valid_rows: np.ndarray) -> np.ndarray:
         """1-based physical line numbers of valid rows ``valid_rows`` (0-based indices)."""
         if self._skipped is None:
-            s = np.union1d(self._blank_lines(), np.asarray(self.invalid, np.int64))
+            inv = np.asarray(self.invalid, np.int64) - 1      # physical 0-based
+            s = np.union1d(self._blank_lines(), inv)
             self._skipped = s[s >= self.header]
         s = self._skipped
         target = np.asarray(valid_rows, np.int64) + self.header
@@ -292,11 +302,21 @@ def read_csv(source: str | bytes, fields: list[Field], *, label: str | None = No
 
     def on_invalid(row) -> str:
         # Must not raise (pyarrow would swallow it): record, then skip or fail the block.
-        lines.invalid.append(row.number)
-        invalid_rows.append(BadRow(label, row.number + 1, "<row>", (row.text or "")[:200],
+        # row.number counts non-blank lines; it is turned into a physical line below.
+        invalid_rows.append(BadRow(label, row.number, "<row>", (row.text or "")[:200],
                                    f"wrong column count: expected {row.expected_columns}, "
                                    f"got {row.actual_columns}"))
         return "skip" if bad_rows.policy == "skip" else "error"
+
+    def flush_invalid(raise_first: bool = False):
+        for r in invalid_rows:
+            r.line = lines.physical(r.line)
+            lines.invalid.append(r.line)
+            lines._skipped = None
+            if raise_first:
+                raise DataError(r.message()) from None
+            bad_rows.add(r)
+        invalid_rows.clear()
 
     with opener() as fh:
         if header:
@@ -315,7 +335,7 @@ def read_csv(source: str | bytes, fields: list[Field], *, label: str | None = No
             reader = _open_csv(fh, fields, names, header, delimiter, block_size, on_invalid)
         except pa.ArrowInvalid as e:
             if invalid_rows:
-                raise DataError(invalid_rows[0].message()) from None
+                flush_invalid(raise_first=True)
             raise DataError(f"{label}: unreadable CSV: {e}") from e
         seen = 0
         while True:
@@ -325,11 +345,9 @@ def read_csv(source: str | bytes, fields: list[Field], *, label: str | None = No
                 break
             except pa.ArrowInvalid as e:
                 if invalid_rows:
-                    raise DataError(invalid_rows[0].message()) from None
+                    flush_invalid(raise_first=True)
                 raise DataError(f"{label}: unreadable CSV after row {seen}: {e}") from e
-            for r in invalid_rows:
-                bad_rows.add(r)
-            invalid_rows.clear()
+            flush_invalid()
             cols = {f.name: batch.column(f.name) for f in fields}
             pending: list[tuple[int, str, str, str]] = []
 
