@@ -28,7 +28,7 @@ from flax import nnx
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from jaxreco import losses, metrics as metrics_lib, models, optim
+from jaxreco import losses, metrics as metrics_lib, models, optim, tracking
 from jaxreco.checkpoint import Checkpointer, abstract_like
 from jaxreco.data import pipeline, registry, split as split_lib
 from jaxreco.data.dataset import Interactions
@@ -98,6 +98,7 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
             "dataset": data.name, "users": data.num_users, "items": data.num_items,
             **{f"{k}/size": len(v) for k, v in splits.items()},
             **{f"{k}/sha256": h for k, h in sha.items()}})
+        tracking.write_run_info(cfg, workdir, sha)
     log.info("data %s: %d users, %d items; train %d / val %d / test %d", data.name,
              data.num_users, data.num_items, len(train), len(splits["val"]), len(splits["test"]))
 
@@ -229,6 +230,8 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
                           if k.startswith("test/")})
     writer.close()
     if is_main:
+        if cfg.logger.tensorboard:
+            tracking.write_hparams(workdir / "tb", cfg, results)
         write_json(workdir / "metrics.json", results)
     log.info("test/rmse %.4f  test/mae %.4f  (best step %d)  -> %s", results["test/rmse"],
              results["test/mae"], loop["best_step"], workdir / "metrics.json")
