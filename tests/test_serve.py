@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -268,3 +269,77 @@ def test_cli_listens_on_loopback_by_default_and_reads_env(monkeypatch):
     args = build_parser().parse_args(["--model-dir", "m"])
     assert (args.host, args.port) == ("127.0.0.2", 9000)
     assert build_parser().parse_args(["--model-dir", "m", "--port", "1"]).port == 1
+
+
+# ------------------------------------------------------------------- fuzzing
+# ~2,000 requests, ~30 s on 2 cores; JAXRECO_FUZZ_SCALE=5 for a longer run.
+_SCALE = float(os.environ.get("JAXRECO_FUZZ_SCALE", "1"))
+FUZZ_SCHEMA_EXAMPLES = int(1300 * _SCALE)
+FUZZ_RAW_EXAMPLES = int(700 * _SCALE)
+
+def _json_strategy():
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) \
+        | st.text(max_size=20) | st.sampled_from(["u1", "u3", "1001", "nobody", ""])
+    values = st.recursive(scalars, lambda c: st.lists(c, max_size=5)
+                          | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
+    keys = st.sampled_from(["user", "users", "k", "item", "items", "exclude_items", "inputs",
+                            "instances", "signature_name"]) | st.text(max_size=6)
+    objects = st.dictionaries(keys, values, max_size=5)
+    return objects.map(json.dumps) | values.map(json.dumps) | st.binary(max_size=300) \
+        | objects.map(lambda o: json.dumps(o)[:-1])  # truncated JSON
+
+
+def test_fuzzed_requests_never_crash_and_memory_stays_bounded(served):
+    """A few thousand requests from the OpenAPI schema (valid and invalid) and raw bodies."""
+    schemathesis = pytest.importorskip("schemathesis")
+    requests = pytest.importorskip("requests")
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+    from schemathesis.generation.modes import GenerationMode
+
+    server, data, scores = served
+    base = f"http://127.0.0.1:{server.port}"
+    rss_before = server.rss_bytes()
+    schema = schemathesis.openapi.from_url(base + "/openapi.json")
+    statuses: dict[int, int] = {}
+    session = requests.Session()
+    common = dict(deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+
+    def check(status: int, text: str, what: str):
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status < 500, f"{what} -> {status}: {text[:300]}"
+        body = json.loads(text)  # every answer is JSON
+        if status >= 400:
+            assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"]
+
+    @settings(max_examples=FUZZ_SCHEMA_EXAMPLES, **common)
+    @given(case=st.one_of(schema.as_strategy(GenerationMode.POSITIVE),
+                          schema.as_strategy(GenerationMode.NEGATIVE)))
+    def fuzz_schema(case):
+        r = case.call(base_url=base, session=session, timeout=30)
+        check(r.status_code, r.text, f"{case.method} {case.formatted_path} {case.body!r:.200}")
+
+    @settings(max_examples=FUZZ_RAW_EXAMPLES, **common)
+    @given(path=st.sampled_from(["/recommend", "/similar", "/v1/models/mf:predict"]),
+           body=_json_strategy())
+    def fuzz_raw(path, body):
+        r = session.post(base + path, data=body, timeout=30)
+        check(r.status_code, r.text, f"POST {path} {body!r:.200}")
+
+    fuzz_schema()
+    fuzz_raw()
+    total = sum(statuses.values())
+    assert total >= FUZZ_SCHEMA_EXAMPLES + FUZZ_RAW_EXAMPLES, statuses
+    assert statuses.get(200, 0) >= 50 and sum(v for s, v in statuses.items() if 400 <= s < 500) >= 500
+    assert server.proc.poll() is None
+    growth = server.rss_bytes() - rss_before
+    assert growth < 64 * 2**20, f"server RSS grew by {growth / 2**20:.1f} MiB over {total} requests"
+    # and valid requests still answer correctly
+    client = S.Client(server.port)
+    for u in (3, 8, 15):
+        st_, body = client.post("/recommend", {"user": data.user_vocab[u], "k": 10})
+        assert st_ == 200 and _ids(body["results"][0]["items"]) == _ref(data, scores, u)
+    client.close()
