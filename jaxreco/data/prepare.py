@@ -403,7 +403,10 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
             d = {k: v[m] for k, v in d.items()}
         d["user"] = umap[d["user"]]
         d["item"] = imap[d["item"]]
-        buckets.write(b, {"user": d["user"], "item": d["item"]})  # compacted ids, for negatives
+        # the positives, with compacted ids, for the negatives pass ("never a positive":
+        # with a label, label > 0; an impression that was not clicked may be a negative)
+        is_pos = d["label"] > 0 if has_label else slice(None)
+        buckets.write(b, {"user": d["user"][is_pos], "item": d["item"][is_pos]})
         for c in list(d):
             if c not in ("user", "item"):
                 os.remove(buckets.path(b, c))
@@ -479,7 +482,7 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
         for b in progress(sorted(eval_pos), desc="negatives", unit="bucket"):
             d = buckets.read(b, ["user", "item"])
             keys = _sorted_unique(d["user"].astype(np.int64) * ni2 + d["item"])
-            per_user = np.bincount(d["user"], minlength=nu2)
+            per_user = np.bincount(keys // ni2, minlength=nu2)   # distinct items per user
             for code, name in ((1, "val"), (2, "test")):
                 if name not in eval_pos[b]:
                     continue
@@ -772,8 +775,15 @@ def load_split(path: str, split: str, columns: list[str] | None = None) -> dict[
     else:
         rels = meta["splits"][split]["shards"]
     parts = [storage.read_parquet_columns(storage.join(path, r), columns) for r in rels]
-    if not parts:
-        return {}
+    if not parts:  # an empty split: zero-length columns of the recorded schema
+        schema = meta["schema"]["candidates" if split.endswith("_candidates")
+                                else "interactions"]
+        out = {}
+        for c, dt in schema.items():
+            if columns is None or c in columns:
+                shape = (0, int(dt.split("[")[1][:-1])) if "[" in dt else (0,)
+                out[c] = np.zeros(shape, np.dtype(dt.split("[")[0]))
+        return out
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
