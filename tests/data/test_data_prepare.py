@@ -200,3 +200,25 @@ def test_interrupted_prepare_leaves_no_dataset(tmp_path, run_prepare, monkeypatc
     os.remove(os.path.join(out, "metadata.json"))
     with pytest.raises(DataError, match="no metadata.json"):
         load_split(out, "train")
+
+
+def test_prepare_to_fsspec_url(run_prepare):
+    """Any fsspec path works (memory:// here; gs:// or hdfs:// the same way)."""
+    url = "memory://jaxreco-test/prepared"
+    meta = prepare({"dataset": SYN, "prepare": {"output_dir": url, "progress": False,
+                                                "negatives": {"num": 5}}})
+    assert storage.read_metadata(url)["config_sha256"] == meta["config_sha256"]
+    tr = load_split(url, "train")
+    assert len(tr["user"]) == meta["splits"]["train"]["rows"]
+    again = prepare({"dataset": SYN, "prepare": {"output_dir": url, "progress": False,
+                                                 "negatives": {"num": 5}}})
+    assert again.get("noop")
+
+
+def test_prepare_yaml_matches_defaults():
+    from omegaconf import OmegaConf
+    from jaxreco.data.prepare import DEFAULTS
+    here = os.path.dirname(__file__)
+    c = OmegaConf.to_container(OmegaConf.load(os.path.join(here, "..", "..", "conf", "prepare",
+                                                           "default.yaml")))
+    assert c == DEFAULTS
