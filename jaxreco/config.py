@@ -38,6 +38,9 @@ class MFConfig:
     init_std: float = 0.01
     reg: float = 0.05               # λ of the per-rating Frobenius term
     bias_reg: float = 0.0
+    row_multiple: int = 128         # tables padded to a multiple of this many rows, so that
+                                    # any model axis dividing it shards them (and checkpoints
+                                    # restore across such meshes); padding rows are never read
 
 
 @dataclasses.dataclass

@@ -49,10 +49,19 @@ def dedup(ids: jax.Array, grads: jax.Array, num_rows: int) -> tuple[jax.Array, j
 
 @dataclasses.dataclass(frozen=True)
 class RowOptimizer:
-    """A row-sparse optimizer: ``init(table) -> slots``; ``update(...) -> (table, slots)``."""
+    """A row-sparse optimizer.
+
+    ``init(table) -> slots``; ``apply(table, slots, uids, ugrads, step) -> (table, slots)``
+    updates the distinct rows ``uids`` (out-of-range ids are ignored) with their summed
+    gradients ``ugrads``; ``update(table, slots, ids, grads, step)`` first deduplicates.
+    """
     name: str
     init: Callable[[jax.Array], dict[str, jax.Array]]
-    update: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+    apply: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+    def update(self, table, slots, ids, grads, step):
+        uids, ugrads = dedup(ids, grads, table.shape[0])
+        return self.apply(table, slots, uids, ugrads, step)
 
 
 def _rows(x: jax.Array, ids: jax.Array) -> jax.Array:
@@ -67,32 +76,29 @@ def sgd(lr: float) -> RowOptimizer:
     def init(table):
         return {}
 
-    def update(table, slots, ids, grads, step):
-        # Scatter-add sums the gradients of repeated ids: no dedup needed.
-        return table.at[ids].add((-lr * grads).astype(table.dtype), mode="drop"), slots
+    def apply(table, slots, uids, g, step):
+        return table.at[uids].add((-lr * g).astype(table.dtype), mode="drop"), slots
 
-    return RowOptimizer("sgd", init, update)
+    return RowOptimizer("sgd", init, apply)
 
 
 def adagrad(lr: float, eps: float = 1e-8, initial_accumulator: float = 0.0) -> RowOptimizer:
     def init(table):
         return {"acc": jnp.full(table.shape[:1], initial_accumulator, jnp.float32)}
 
-    def update(table, slots, ids, grads, step):
-        uids, g = dedup(ids, grads, table.shape[0])
+    def apply(table, slots, uids, g, step):
         acc = _rows(slots["acc"], uids) + jnp.mean(g * g, axis=-1)
         w = _rows(table, uids) - lr * g / (jnp.sqrt(acc)[:, None] + eps)
         return _put(table, uids, w), {"acc": _put(slots["acc"], uids, acc)}
 
-    return RowOptimizer("adagrad", init, update)
+    return RowOptimizer("adagrad", init, apply)
 
 
 def lazy_adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> RowOptimizer:
     def init(table):
         return {"m": jnp.zeros_like(table), "v": jnp.zeros_like(table)}
 
-    def update(table, slots, ids, grads, step):
-        uids, g = dedup(ids, grads, table.shape[0])
+    def apply(table, slots, uids, g, step):
         m = b1 * _rows(slots["m"], uids) + (1 - b1) * g
         v = b2 * _rows(slots["v"], uids) + (1 - b2) * g * g
         t = (step + 1).astype(jnp.float32)
@@ -101,7 +107,7 @@ def lazy_adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) 
         w = _rows(table, uids) - lr * mhat / (jnp.sqrt(vhat) + eps)
         return _put(table, uids, w), {"m": _put(slots["m"], uids, m), "v": _put(slots["v"], uids, v)}
 
-    return RowOptimizer("lazy_adam", init, update)
+    return RowOptimizer("lazy_adam", init, apply)
 
 
 ROW_OPTIMIZERS: dict[str, Callable[..., RowOptimizer]] = {

@@ -30,17 +30,21 @@ def mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
             raise ValueError(f"mesh.axes={dict(axes)}: {num_devices} devices are not divisible "
                              f"by the fixed axes' product {known}")
         sizes[free[0]] = num_devices // known
-    if math.prod(sizes.values()) != num_devices:
+    if math.prod(sizes.values()) > num_devices or (free and math.prod(sizes.values()) != num_devices):
         raise ValueError(f"mesh.axes={dict(axes)} needs {math.prod(sizes.values())} devices, "
                          f"but {num_devices} are available (use -1 for 'the rest')")
     return sizes
 
 
 def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over ``devices`` (default: all) with Auto axis types."""
+    """A mesh over ``devices`` (default: all) with Auto axis types.
+
+    Fixed sizes whose product is smaller than the device count use the first devices
+    (``single`` = ``{data: 1, model: 1}`` is one device however many there are).
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(axes, len(devices))
-    arr = np.asarray(devices).reshape(tuple(sizes.values()))
+    arr = np.asarray(devices[:math.prod(sizes.values())]).reshape(tuple(sizes.values()))
     return Mesh(arr, tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
 
 

@@ -26,7 +26,8 @@ from flax import nnx
 from jaxreco import losses, optim
 from jaxreco.models.mf import MF
 from jaxreco.sharding import make_mesh
-from jaxreco.train.state import create_state
+from jaxreco.embedding import ShardedTables
+from jaxreco.train.state import create_state, table_axes
 from jaxreco.train.step import make_train_step
 
 
@@ -44,7 +45,8 @@ def bench(rows: int, batch: int, dim: int, optimizer: str, steps: int, repeats: 
         return losses.mse_frobenius(pred, b["rating"], r, embedding_tables=MF.embedding_tables,
                                     reg=0.05), {}
 
-    step = jax.jit(make_train_step(graphdef, MF.table_features, loss_fn, row_opt, tx),
+    tables = ShardedTables(mesh, rules, table_axes(state.tables), MF.table_features, row_opt)
+    step = jax.jit(make_train_step(graphdef, tables, loss_fn, tx),
                    donate_argnums=0)
     rng = np.random.default_rng(0)
     batches = [jax.device_put({"user": rng.integers(0, rows, batch, dtype=np.int32),

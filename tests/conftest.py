@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+
+# Eight CPU devices for the sharding tests (must precede the first `import jax`). Tests that
+# want one device use a one-device mesh; subprocesses inherit the flag.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
 import subprocess
 import sys
 from pathlib import Path

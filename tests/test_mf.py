@@ -11,7 +11,8 @@ from jaxreco import losses, optim
 from jaxreco.models.layers import gather_rows
 from jaxreco.models.mf import MF
 from jaxreco.sharding import make_mesh
-from jaxreco.train.state import create_state
+from jaxreco.embedding import ShardedTables
+from jaxreco.train.state import create_state, table_axes
 from jaxreco.train.step import make_train_step
 
 def _model():
@@ -83,7 +84,8 @@ def test_train_step_lowers_loss_and_only_touches_batch_rows():
         return losses.mse_frobenius(pred, batch["rating"], rows,
                                     embedding_tables=MF.embedding_tables, reg=0.0), {}
 
-    step = jax.jit(make_train_step(graphdef, MF.table_features, loss_fn, row_opt, tx))
+    tables = ShardedTables(mesh, rules, table_axes(state.tables), MF.table_features, row_opt)
+    step = jax.jit(make_train_step(graphdef, tables, loss_fn, tx))
     state, m0 = step(state, BATCH)
     for _ in range(30):
         state, m = step(state, BATCH)

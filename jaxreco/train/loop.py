@@ -32,8 +32,9 @@ from jaxreco import losses, metrics as metrics_lib, models, optim, tracking
 from jaxreco.checkpoint import Checkpointer, abstract_like
 from jaxreco.data import pipeline, registry, split as split_lib
 from jaxreco.data.dataset import Interactions
+from jaxreco.embedding import ShardedTables
 from jaxreco.sharding import batch_sharding, make_mesh
-from jaxreco.train.state import create_state
+from jaxreco.train.state import create_state, table_axes
 from jaxreco.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("jaxreco")
@@ -114,6 +115,7 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     table_features = dict(abstract_model.table_features)
     embedding_tables = tuple(abstract_model.embedding_tables)
     bias_tables = tuple(t for t in table_features if t not in embedding_tables)
+    tables = ShardedTables(mesh, rules, table_axes(state.tables), table_features, row_opt)
 
     def loss_fn(model, rows, batch):
         pred = model.score(rows, batch)
@@ -146,11 +148,11 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
         log.info("resumed from %s step %d", ckpt.directory, resume_step)
 
     # ------------------------------------------------------------------ compile
-    train_step = jax.jit(make_train_step(graphdef, table_features, loss_fn, row_opt, dense_tx),
+    train_step = jax.jit(make_train_step(graphdef, tables, loss_fn, dense_tx),
                          in_shardings=(shardings, in_sharding),
                          out_shardings=(shardings, None), donate_argnums=0)
     lo, hi = cfg.dataset.get("rating_range", None) or (None, None)
-    eval_step = jax.jit(make_eval_step(graphdef, (lo, hi) if lo is not None else None))
+    eval_step = jax.jit(make_eval_step(graphdef, tables, (lo, hi) if lo is not None else None))
 
     def evaluate(part: Interactions) -> dict[str, float]:
         sums = None

@@ -43,6 +43,11 @@ def split_model(model: nnx.Module):
     return graphdef, tables, dense
 
 
+def table_axes(tables: nnx.State) -> dict[str, tuple]:
+    """``{table: logical axes}`` from the tables' ``axes`` metadata."""
+    return {k: tuple(v.get_metadata().get("axes")) for k, v in tables.items()}
+
+
 def _axes_of(variable_state) -> Any:
     return jax.tree.map(lambda v: v.get_metadata().get("axes"), variable_state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -2,17 +2,18 @@
 
 ``train_step(state, batch) -> (state, metrics)``:
 
-1. gather the rows of every table the batch indexes;
+1. look up the rows of every table the batch indexes (``ShardedTables.lookup``);
 2. differentiate the loss with respect to those rows and the dense parameters only;
-3. apply the row-sparse optimizer to each table (the rows of all features that index it)
-   and optax to the dense parameters.
+3. apply the row-sparse optimizer to the touched rows of each table
+   (``ShardedTables.update``) and optax to the dense parameters.
 
-No step touches a whole table, so its cost grows with the batch, not the catalogue.
+No step touches a whole table, so its cost grows with the batch, not the catalogue, and
+no device ever holds more than its own shard of a table.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -20,20 +21,19 @@ import optax
 from flax import nnx
 
 from jaxreco import metrics as metrics_lib
-from jaxreco.models.layers import gather_rows
-from jaxreco.optim import RowOptimizer
+from jaxreco.embedding import ShardedTables
 from jaxreco.train.state import TrainState
 
 LossFn = Callable[[nnx.Module, Mapping, Mapping], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def make_train_step(graphdef, table_features: Mapping[str, tuple[str, ...]], loss_fn: LossFn,
-                    row_opt: RowOptimizer, dense_tx: optax.GradientTransformation):
+def make_train_step(graphdef, tables: ShardedTables, loss_fn: LossFn,
+                    dense_tx: optax.GradientTransformation):
     """Builds the (un-jitted) train step. ``loss_fn(model, rows, batch) -> (loss, aux)``."""
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
-        tables = state.table_values()
-        rows = gather_rows(tables, batch, table_features)
+        values = state.table_values()
+        rows = tables.lookup(values, batch)
 
         def objective(rows, dense):
             model = nnx.merge(graphdef, state.tables, dense)
@@ -41,17 +41,11 @@ def make_train_step(graphdef, table_features: Mapping[str, tuple[str, ...]], los
 
         (loss, aux), (g_rows, g_dense) = jax.value_and_grad(
             objective, argnums=(0, 1), has_aux=True)(rows, state.dense)
-
-        new_tables, new_slots = {}, {}
-        for t, feats in table_features.items():
-            ids = jnp.concatenate([batch[f] for f in feats])
-            grads = jnp.concatenate([g_rows[t][f] for f in feats])
-            new_tables[t], new_slots[t] = row_opt.update(
-                tables[t], state.table_opt[t], ids, grads, state.step)
+        new_values, new_slots = tables.update(values, state.table_opt, batch, g_rows, state.step)
         updates, dense_opt = dense_tx.update(g_dense, state.dense_opt, state.dense)
         dense = optax.apply_updates(state.dense, updates)
         tables_state = jax.tree.map(lambda v: v, state.tables)
-        for t, v in new_tables.items():
+        for t, v in new_values.items():
             tables_state[t] = state.tables[t].replace(v)
         new_state = state.replace(step=state.step + 1, tables=tables_state, dense=dense,
                                   table_opt=new_slots, dense_opt=dense_opt)
@@ -60,24 +54,25 @@ def make_train_step(graphdef, table_features: Mapping[str, tuple[str, ...]], los
     return train_step
 
 
-def make_eval_step(graphdef, clip: tuple[float, float] | None):
+def make_predict(graphdef, tables: ShardedTables):
+    """``predict(state, batch) -> scores`` through the sharded lookup."""
+
+    def predict(state: TrainState, batch: Mapping[str, jax.Array]):
+        model = nnx.merge(graphdef, state.tables, state.dense)
+        return model.score(tables.lookup(state.table_values(), batch), batch)
+
+    return predict
+
+
+def make_eval_step(graphdef, tables: ShardedTables, clip: tuple[float, float] | None):
     """``eval_step(state, batch, num_valid) -> sums`` for RMSE/MAE (predictions clipped)."""
+    predict = make_predict(graphdef, tables)
 
     def eval_step(state: TrainState, batch: Mapping[str, jax.Array], num_valid: jax.Array):
-        model = nnx.merge(graphdef, state.tables, state.dense)
-        pred = model(batch)
+        pred = predict(state, batch)
         if clip is not None:
             pred = jnp.clip(pred, clip[0], clip[1])
         mask = jnp.arange(pred.shape[0]) < num_valid
         return metrics_lib.regression_sums(pred, batch["rating"], mask)
 
     return eval_step
-
-
-def make_predict(graphdef):
-    """``predict(state, batch) -> scores`` (unclipped)."""
-
-    def predict(state: TrainState, batch: Mapping[str, jax.Array]):
-        return nnx.merge(graphdef, state.tables, state.dense)(batch)
-
-    return predict
