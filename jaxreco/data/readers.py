@@ -549,3 +549,28 @@ class Source:
         return cls(name=x.name, user_vocab=x.user_vocab, item_vocab=x.item_vocab, blocks=blocks,
                    num_rows_hint=len(x), fingerprint=fingerprint,
                    extra_columns={k: np.asarray(v).dtype.str for k, v in extra.items()}, **kw)
+
+    def to_interactions(self):
+        """All rows as an :class:`~jaxreco.data.dataset.Interactions` (extra columns such as
+        ``label`` are dropped; use ``prepare`` to keep them). For small sources only."""
+        from jaxreco.data.dataset import Interactions
+        parts = list(self.blocks())
+        cat = lambda k: (np.concatenate([p[k] for p in parts]) if parts and k in parts[0]  # noqa
+                         else None)
+        empty = np.zeros(0, np.int32)
+        return Interactions(user=np.ascontiguousarray(cat("user") if parts else empty),
+                            item=np.ascontiguousarray(cat("item") if parts else empty),
+                            rating=cat("rating"), timestamp=cat("timestamp"),
+                            user_vocab=self.vocab("user").astype(str),
+                            item_vocab=self.vocab("item").astype(str), name=self.name)
+
+
+def registry_loader(make_source):
+    """Adapts ``source(cfg, ...)`` to the registry's ``Loader(cfg, cache_dir) -> Interactions``
+    (wheels go to ``<cache_dir>/wheels`` unless the config names a ``cache_dir``)."""
+    def load(cfg, cache):
+        cfg = dict(cfg)
+        if "cache_dir" in cfg and not cfg["cache_dir"]:
+            cfg["cache_dir"] = os.path.join(str(cache), "wheels")
+        return make_source(cfg).to_interactions()
+    return load
