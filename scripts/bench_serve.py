@@ -1,0 +1,283 @@
+"""Latency and throughput of ``POST /recommend`` (k=10), server and load in two processes.
+
+    python scripts/bench_serve.py                      # exports a random ML-1M-sized model
+    python scripts/bench_serve.py --model-dir models/ml1m --model-name ml1m
+
+Prints::
+
+    p50_ms: ...                  at 100 requests/s, open loop (latency from the scheduled send)
+    p99_ms: ...
+    max_rps_p99_under_50ms: ...  highest offered rate whose p99 stayed <= 50 ms
+
+Without ``--model-dir`` it exports a biased-MF model with random parameters and ML-1M's
+shape (6,040 users x 3,706 items, dim 64, ~1M training interactions excluded as "seen");
+latency does not depend on training. The server (``jaxreco-serve``, TensorFlow only) runs
+in one process, the load generator (asyncio, raw HTTP/1.1 keep-alive, no TensorFlow) in
+another, both on 127.0.0.1; every loop is bounded in requests and seconds and stops itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"  # loopback only, ever
+
+
+# ---------------------------------------------------------------------------- model
+def export_random_ml1m(model_dir: Path, num_users=6040, num_items=3706, dim=64, seed=0) -> None:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxreco.export import export_saved_model
+
+    rng = np.random.default_rng(seed)
+    params = {
+        "user_embed": rng.normal(0, 0.1, (num_users, dim)).astype(np.float32),
+        "item_embed": rng.normal(0, 0.1, (num_items, dim)).astype(np.float32),
+        "user_bias": rng.normal(0, 0.1, (num_users, 1)).astype(np.float32),
+        "item_bias": rng.normal(0, 0.1, (num_items, 1)).astype(np.float32),
+        "global_bias": np.asarray(3.58, np.float32),
+    }
+    # ML-1M: 1,000,209 ratings, >= 20 per user, heavy tail (max 2,314).
+    lens = np.clip(rng.lognormal(4.5, 1.0, num_users).astype(int) + 20, 20, 2314)
+    lens = (lens * (1_000_209 / lens.sum())).astype(int).clip(20, 2314)
+    indices = np.concatenate([np.sort(rng.choice(num_items, n, replace=False)) for n in lens])
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+
+    def score(p, u, i):
+        return (p["global_bias"] + p["user_bias"][u, 0] + p["item_bias"][i, 0]
+                + jnp.sum(p["user_embed"][u] * p["item_embed"][i], axis=-1))
+
+    def all_scores(p, u):
+        return (p["global_bias"] + p["user_bias"][u] + p["item_bias"][:, 0][None, :]
+                + p["user_embed"][u] @ p["item_embed"].T)
+
+    export_saved_model(
+        model_dir, 1, params=params, score_fn=score, user_item_scores_fn=all_scores,
+        item_vectors_fn=lambda p: p["item_embed"],
+        user_vocab=[str(i + 1) for i in range(num_users)],
+        item_vocab=[str(i + 1) for i in range(num_items)], seen=(indptr, indices),
+        model_info={"note": "random parameters, ML-1M shape, for benchmarking"})
+
+
+# ---------------------------------------------------------------------------- load generator
+class _Conn:
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+
+
+async def _one(conn: _Conn, payload: bytes) -> int:
+    conn.writer.write(payload)
+    head = await conn.reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await conn.reader.readexactly(length)
+    return status
+
+
+async def _run_rate(port: int, rate: float, seconds: float, users: list[str], k: int,
+                    max_conns: int = 256, timeout_s: float = 5.0) -> dict:
+    """Open loop: request i is due at t0 + i/rate; latency counts from that due time."""
+    n = max(1, int(rate * seconds))
+    idle: list[_Conn] = []
+    opened = 0
+    lat, errors = [], 0
+    rnd = random.Random(int(rate))
+
+    def request_bytes() -> bytes:
+        body = json.dumps({"user": rnd.choice(users), "k": k}).encode()
+        return (b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def fire(due: float, payload: bytes):
+        nonlocal opened, errors
+        conn = idle.pop() if idle else None
+        if conn is None:
+            if opened >= max_conns:
+                errors += 1
+                return
+            opened += 1
+            conn = _Conn(*await asyncio.open_connection(HOST, port))
+        try:
+            status = await asyncio.wait_for(_one(conn, payload), timeout_s)
+        except (asyncio.TimeoutError, OSError, asyncio.IncompleteReadError):
+            errors += 1
+            conn.writer.close()
+            opened -= 1
+            return
+        lat.append(time.perf_counter() - due)
+        if status != 200:
+            errors += 1
+        idle.append(conn)
+
+    t0 = time.perf_counter() + 0.05  # perf_counter: uvloop's loop.time() ticks in whole ms
+    tasks = []
+    for i in range(n):
+        due = t0 + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(fire(due, request_bytes())))
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout_s + 10)
+    for c in idle:
+        c.writer.close()
+    lat.sort()
+
+    def pct(p):
+        return 1e3 * lat[min(len(lat) - 1, int(p / 100 * len(lat)))] if lat else float("inf")
+
+    return {"rate": rate, "n": n, "ok": len(lat) - errors, "errors": errors,
+            "p50_ms": pct(50), "p99_ms": pct(99),
+            "achieved_rps": len(lat) / max(1e-9, (time.perf_counter() - t0))}
+
+
+async def _loadgen(port: int, users: list[str], k: int, base_rate: float, base_seconds: float,
+                   step_seconds: float, slo_ms: float, max_rate: float, budget_s: float) -> dict:
+    deadline = time.monotonic() + budget_s
+    await _run_rate(port, 50, 2.0, users, k)  # warm-up: connections, caches
+    base = await _run_rate(port, base_rate, base_seconds, users, k)
+    print(f"# {base_rate:.0f} req/s for {base_seconds:.0f} s: {json.dumps(base)}", flush=True)
+
+    def good(r):
+        return r["p99_ms"] <= slo_ms and r["errors"] == 0
+
+    best, bad, rate = 0.0, None, 200.0
+    while rate <= max_rate and time.monotonic() + step_seconds + 5 < deadline:  # grow x1.5
+        r = await _run_rate(port, rate, step_seconds, users, k)
+        print(f"# {rate:.0f} req/s: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+              f"errors {r['errors']}", flush=True)
+        await asyncio.sleep(1.0)  # let queues drain between steps
+        if not good(r):
+            bad = rate
+            break
+        best, rate = rate, rate * 1.5
+    for _ in range(3):  # refine between the last good and the first bad rate
+        if bad is None or bad - best < 0.05 * bad or time.monotonic() + step_seconds + 5 > deadline:
+            break
+        mid = (best + bad) / 2
+        r = await _run_rate(port, mid, step_seconds, users, k)
+        print(f"# {mid:.0f} req/s: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+              f"errors {r['errors']}", flush=True)
+        await asyncio.sleep(1.0)
+        best, bad = (mid, bad) if good(r) else (best, mid)
+    return {"base": base, "max_rps_p99_under_50ms": best}
+
+
+def loadgen_main(args) -> int:
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    users = [str(i + 1) for i in range(args.num_users)]
+    res = asyncio.run(_loadgen(args.port, users, args.k, args.rate, args.seconds,
+                               args.step_seconds, 50.0, args.max_rate, args.budget))
+    print(json.dumps(res))
+    return 0
+
+
+# ---------------------------------------------------------------------------- orchestration
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=2) as r:
+                return json.loads(r.read())
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit("server not ready in time")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", help="an exported model directory (default: random ML-1M-sized)")
+    p.add_argument("--model-name", default="jaxreco")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--rate", type=float, default=100.0, help="rate for p50/p99 (req/s)")
+    p.add_argument("--seconds", type=float, default=10.0, help="duration at --rate")
+    p.add_argument("--step-seconds", type=float, default=5.0, help="duration of each search step")
+    p.add_argument("--max-rate", type=float, default=5000.0)
+    p.add_argument("--budget", type=float, default=150.0, help="seconds for the whole load run")
+    p.add_argument("--num-users", type=int, default=6040)
+    p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--export-to", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.loadgen:
+        return loadgen_main(args)
+    if args.export_to:
+        sys.path.insert(0, str(REPO))
+        export_random_ml1m(Path(args.export_to))
+        return 0
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        if args.model_dir:
+            model_dir = Path(args.model_dir)
+            print(f"model: {model_dir}")
+        else:
+            model_dir = Path(tmp) / "model"
+            t = time.perf_counter()
+            # exported in a child process, so this process stays light while measuring
+            subprocess.run([sys.executable, __file__, "--export-to", str(model_dir)], check=True,
+                           env=env)
+            print("model: biased MF with RANDOM parameters, ML-1M shape: 6040 users x 3706 items, "
+                  f"dim 64 (latency does not depend on training); exported in "
+                  f"{time.perf_counter() - t:.0f} s")
+        port = _free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "jaxreco.serve", "--model-dir", str(model_dir), "--host", HOST,
+             "--port", str(port), "--model-name", args.model_name, "--log-level", "warning"],
+            env=env, cwd=str(REPO))
+        try:
+            ready = _wait_ready(port, server)
+            print(f"server: pid {server.pid}, {HOST}:{port}, model version {ready['model_version']}; "
+                  f"load generator: separate process; {os.cpu_count()} CPU cores shared", flush=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--loadgen", "--port", str(port), "--k", str(args.k),
+                 "--rate", str(args.rate), "--seconds", str(args.seconds),
+                 "--step-seconds", str(args.step_seconds), "--max-rate", str(args.max_rate),
+                 "--budget", str(args.budget), "--num-users", str(args.num_users)],
+                env=env, check=True, capture_output=True, text=True, timeout=args.budget + 120)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    lines = out.stdout.strip().splitlines()
+    for line in lines[:-1]:
+        print(line)
+    res = json.loads(lines[-1])
+    print(f"p50_ms: {res['base']['p50_ms']:.2f}")
+    print(f"p99_ms: {res['base']['p99_ms']:.2f}")
+    print(f"max_rps_p99_under_50ms: {res['max_rps_p99_under_50ms']:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
