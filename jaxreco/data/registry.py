@@ -66,3 +66,19 @@ def load(cfg: Mapping[str, Any]) -> Interactions:
     x = DATASETS[name](cfg, root)
     x.save(cached)
     return x
+
+
+# ---- data-module datasets (owner: data module; jaxreco/data/{instacart,zozotown,synthetic,
+# from_files}.py). `jaxreco.data.prepare.prepare` reads these sources directly, keeping their
+# extra columns (label, event, order_id, position, ...) and side tables; `load` here gives the
+# plain Interactions.
+def _data_module_loaders() -> dict[str, Loader]:
+    from jaxreco.data import from_files, instacart, synthetic, zozotown
+    from jaxreco.data.readers import registry_loader
+    return {"instacart-sample": registry_loader(instacart.source),
+            "zozotown-obd": registry_loader(zozotown.source),
+            "synthetic-ecommerce": registry_loader(synthetic.source),
+            "from-files": registry_loader(from_files.source)}
+
+
+DATASETS.update(_data_module_loaders())
