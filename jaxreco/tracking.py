@@ -1,8 +1,18 @@
 """Run provenance and experiment tracking: what produced a run directory, and its HParams.
 
 ``write_run_info`` records ``run.json`` (git commit and dirty flag, seed, dataset split
-hashes, library versions, devices); ``write_hparams`` records the run's hyperparameters and
-final metrics for TensorBoard's HParams dashboard.
+hashes, library versions, devices). ``write_hparams`` records the run's hyperparameters and
+final metrics for TensorBoard's HParams dashboard; ``write_failure`` records why a run of a
+sweep failed (``error.json``, ``FAILED``, and a failed HParams session).
+
+HParams layout. Each run writes one HParams *session* into the sub-run ``<tb>/hparams``:
+a ``session_start_info`` (the flat config), the final metrics as scalars (the keys of
+``metrics.json``), and a ``session_end_info`` (success or failure). No per-run
+``experiment`` summary is written on purpose: without one, TensorBoard builds the experiment
+from all sessions under its logdir, so pointing it at a sweep directory lists every run,
+marks the hyperparameters whose values differ across runs (the swept ones), and takes each
+hyperparameter's domain from all runs rather than from whichever run it read first.
+Written with tensorboardX (no TensorFlow import).
 """
 
 from __future__ import annotations
@@ -11,14 +21,26 @@ import json
 import os
 import platform
 import subprocess
+import time
+import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+HPARAMS_RUN = "hparams"                  # the HParams session's sub-run, under the run's tb/
+SESSION_START_TAG = "_hparams_/session_start_info"   # tensorboard.plugins.hparams.metadata
+SESSION_END_TAG = "_hparams_/session_end_info"
+# Config keys that are bookkeeping, not hyperparameters: left out of the HParams table.
+NOT_HPARAMS = ("logger.", "trainer.progress_bar", "trainer.async_checkpoint",
+               "trainer.keep_checkpoints", "trainer.checkpoint", "dataset.data_dir")
+
 
 def git_info(cwd: str | os.PathLike | None = None) -> dict[str, Any]:
-    """``{"commit": sha or None, "dirty": bool or None}`` of the jaxreco checkout."""
+    """``{"commit": sha or None, "dirty": bool or None}`` of the jaxreco checkout.
+
+    ``dirty`` is true when tracked files differ from the commit (untracked files are ignored).
+    """
     cwd = cwd or Path(__file__).resolve().parents[1]
 
     def git(*args):
@@ -34,8 +56,8 @@ def git_info(cwd: str | os.PathLike | None = None) -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The config as ``{"model.dim": 64, ...}`` (scalars only), for tables and HParams."""
+def flat_hparams(cfg: DictConfig | Mapping) -> dict[str, Any]:
+    """The config as ``{"model.dim": 64, ...}`` (scalars only; lists as strings)."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -47,11 +69,23 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
         else:
             out[prefix] = node
 
-    walk("", OmegaConf.to_container(cfg, resolve=True))
+    walk("", OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
     return out
 
 
+def hparams_of(cfg: DictConfig | Mapping) -> dict[str, Any]:
+    """``flat_hparams`` without bookkeeping keys (``NOT_HPARAMS``): what a sweep varies."""
+    return {k: v for k, v in flat_hparams(cfg).items() if not k.startswith(NOT_HPARAMS)}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 def write_run_info(cfg: DictConfig, workdir: Path, split_sha256: Mapping[str, str]) -> dict:
+    """Writes ``run.json``: git commit + dirty flag, seed, split sha256s, versions, devices."""
     import jax
 
     info = {
@@ -65,18 +99,105 @@ def write_run_info(cfg: DictConfig, workdir: Path, split_sha256: Mapping[str, st
         "process_count": jax.process_count(),
         "host": platform.node(),
     }
-    tmp = workdir / "run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, workdir / "run.json")
+    _write_json(Path(workdir) / "run.json", info)
     return info
 
 
-def write_hparams(logdir: Path, cfg: DictConfig, results: Mapping[str, float]) -> None:
-    """HParams summaries (tensorboardX; no TensorFlow) under ``logdir/hparams``."""
-    from tensorboardX import SummaryWriter
+# ---------------------------------------------------------------------- HParams summaries
 
-    hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-          for k, v in flat_hparams(cfg).items() if not k.startswith(("logger.", "trainer.progress"))}
-    metrics = {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}
-    with SummaryWriter(str(logdir)) as w:
-        w.add_hparams(hp, metrics, name="hparams")
+def _hparams_event(tag: str, plugin_data, wall_time: float):
+    from tensorboardX.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
+
+    meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(
+        plugin_name="hparams", content=plugin_data.SerializeToString()))
+    null = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[0.0])
+    value = summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=null)
+    return event_pb2.Event(wall_time=wall_time, step=0, summary=summary_pb2.Summary(value=[value]))
+
+
+def _write_session(logdir: Path, hparams: Mapping[str, Any], metrics: Mapping[str, float],
+                   step: int, ok: bool, start_time: float | None = None) -> Path:
+    """One HParams session in ``logdir/hparams`` (replacing any earlier one there).
+
+    Written with tensorboardX's protos and writer: TensorBoard's own event writer imports
+    TensorFlow when it is installed (~6 s).
+    """
+    from tensorboardX.event_file_writer import EventFileWriter
+    from tensorboardX.proto import api_pb2, event_pb2, summary_pb2
+    from tensorboardX.proto.plugin_hparams_pb2 import (HParamsPluginData, SessionEndInfo,
+                                                       SessionStartInfo)
+
+    session_dir = Path(logdir) / HPARAMS_RUN
+    if session_dir.is_dir():                      # a resumed or re-run run: one session only
+        for old in session_dir.glob("events.out.tfevents.*"):
+            old.unlink()
+    session_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    start = SessionStartInfo(start_time_secs=start_time or now)
+    for k, v in hparams.items():
+        if isinstance(v, bool):
+            start.hparams[k].bool_value = v
+        elif isinstance(v, (int, float)):
+            start.hparams[k].number_value = float(v)
+        else:
+            start.hparams[k].string_value = "null" if v is None else str(v)
+    status = api_pb2.Status.Value("STATUS_SUCCESS" if ok else "STATUS_FAILURE")
+    end = SessionEndInfo(status=status, end_time_secs=now)
+
+    w = EventFileWriter(str(session_dir))
+    try:
+        w.add_event(_hparams_event(SESSION_START_TAG, HParamsPluginData(session_start_info=start,
+                                                                         version=0), now))
+        for k, v in metrics.items():
+            w.add_event(event_pb2.Event(wall_time=now, step=step, summary=summary_pb2.Summary(
+                value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))])))
+        w.add_event(_hparams_event(SESSION_END_TAG, HParamsPluginData(session_end_info=end,
+                                                                       version=0), now))
+    finally:
+        w.close()
+    return session_dir
+
+
+def final_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of a results dict (bools as 0/1), as HParams metrics."""
+    return {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}
+
+
+def write_hparams(logdir: Path, cfg: DictConfig, results: Mapping[str, float]) -> Path:
+    """Writes this run's HParams session (hyperparameters + final metrics) to ``logdir/hparams``.
+
+    ``results`` is the dict that also goes to ``metrics.json``; its numeric values become the
+    session's metrics, logged at step ``results["train/steps"]``.
+    """
+    return _write_session(Path(logdir), hparams_of(cfg), final_metrics(results),
+                          step=int(results.get("train/steps", 0)), ok=True)
+
+
+def write_failure(workdir: Path, cfg: DictConfig | None, error: BaseException, *,
+                  job: Mapping[str, Any] | None = None, process_index: int = 0) -> dict:
+    """Records a failed run in its directory: ``error.json``, ``FAILED`` and a failed HParams session.
+
+    ``job`` is what identifies the run in its sweep (``{"num": 3, "overrides": [...]}``).
+    Process ``i > 0`` of a multi-process job writes ``error.process<i>.json`` only.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    info = {
+        "type": type(error).__name__,
+        "message": str(error).strip().splitlines()[0] if str(error).strip() else "",
+        "traceback": "".join(traceback.format_exception(error)),
+        "time": time.time(),
+        "process_index": process_index,
+        **({"job": dict(job)} if job else {}),
+    }
+    if process_index != 0:
+        _write_json(workdir / f"error.process{process_index}.json", info)
+        return info
+    _write_json(workdir / "error.json", info)
+    (workdir / "FAILED").write_text(f"{info['type']}: {info['message']}\n")
+    if cfg is not None:
+        try:
+            _write_session(workdir / "tb", hparams_of(cfg), {}, step=0, ok=False)
+        except Exception:  # noqa: BLE001 - the error record above matters more than TB
+            pass
+    return info

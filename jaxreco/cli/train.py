@@ -1,4 +1,12 @@
-"""`jaxreco-train`: the Hydra app. All logic lives in ``jaxreco.train.loop``."""
+"""`jaxreco-train`: the Hydra app. All logic lives in ``jaxreco.train.loop``.
+
+One run (``jaxreco-train ...``): a bad config or dataset exits with status 2 and one line.
+A sweep (``jaxreco-train -m ...``, or ``+hparams_search=...``): a run that raises is recorded
+in its directory (``error.json``, ``FAILED``, a failed HParams session), logged as
+``run N (overrides) failed: reason``, and returns NaN as its objective (Optuna marks the
+trial failed); the other runs go on. When the sweep ends in this process (basic launcher),
+the failed runs are listed again and the exit status is 1.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from jaxreco import config
@@ -16,20 +25,65 @@ from jaxreco.cli import CONF_DIR, quiet_libraries, user_errors
 log = logging.getLogger("jaxreco")
 config.register()
 
+OBJECTIVE = "val/rmse"          # what a sweeper minimises; never a test metric
+_runs: list[dict] = []          # this process's multirun jobs: {"num", "overrides", "dir", "error"}
+
+
+def failure_reason(e: BaseException) -> str:
+    """``Type: first line of the message[: first line of its cause]``."""
+    msg = str(e).split("\nConfig search path")[0].strip().splitlines()
+    text = f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+    cause = e.__cause__
+    if cause is not None and str(cause).strip() and str(cause).splitlines()[0] not in text:
+        text += f": {str(cause).splitlines()[0]}"
+    return text
+
+
+def _train(cfg: DictConfig, workdir: Path) -> dict:
+    from jaxreco.distributed import initialize_from_env
+    from jaxreco.train.loop import train_and_evaluate  # after Hydra parsed the command line
+
+    initialize_from_env()
+    return train_and_evaluate(cfg, workdir)
+
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)
 def _app(cfg: DictConfig) -> float:
-    from jaxreco.train.loop import train_and_evaluate  # after Hydra parsed the command line
-
     quiet_libraries()
+    hc = HydraConfig.get()
+    workdir = Path(hc.runtime.output_dir)
+    if hc.mode != RunMode.MULTIRUN:
+        with user_errors():
+            return _train(cfg, workdir)[OBJECTIVE]
 
-    with user_errors():
-        results = train_and_evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
-    return results["val/rmse"]
+    from jaxreco import tracking
+    from jaxreco.distributed import detect
+
+    overrides = list(hc.overrides.task)
+    run = {"num": hc.job.num, "overrides": overrides, "dir": str(workdir), "error": None}
+    _runs.append(run)
+    try:
+        return float(_train(cfg, workdir)[OBJECTIVE])
+    except Exception as e:  # noqa: BLE001 - one run's failure must not end the sweep
+        run["error"] = failure_reason(e)
+        tracking.write_failure(workdir, cfg, e, job={"num": hc.job.num, "overrides": overrides},
+                               process_index=detect().process_id)
+        log.error("run %d (%s) failed: %s  [%s]", hc.job.num, " ".join(overrides), run["error"],
+                  workdir / "error.json")
+        return float("nan")
 
 
 def main() -> None:
     _app()
+    failed = [r for r in _runs if r["error"]]
+    if failed:
+        sweep_dir = Path(failed[0]["dir"]).parent
+        print(f"error: {len(failed)} of {len(_runs)} runs failed; the others completed "
+              f"(jaxreco-compare {sweep_dir}):", file=sys.stderr)
+        for r in failed:
+            print(f"  run {r['num']} ({' '.join(r['overrides'])}) failed: {r['error']}",
+                  file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
