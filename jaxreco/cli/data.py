@@ -4,8 +4,10 @@
     jaxreco-data fetch movielens-1m
     jaxreco-data prepare dataset=movielens-1m [dataset.split.seed=1 ...]
 
-``prepare`` composes the same Hydra config as ``jaxreco-train`` (so the same overrides
-apply), loads/caches the interactions and reports the split sizes and sha256s.
+``prepare`` composes ``conf/data.yaml`` (a ``dataset`` and ``prepare`` options) and runs
+``jaxreco.data.prepare.prepare``: cleaning, k-core, split, fixed negatives, features and a
+leakage check, written as Parquet shards plus ``metadata.json``; a rerun with the same
+config is a no-op.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ def _list() -> None:
         print(f"{name:<24} {'yes' if cached else 'no':<7} {cfg if cfg.exists() else '-'}")
 
 
-def _compose(overrides: list[str]):
+def _compose(overrides: list[str], primary: str = "train"):
     from hydra import compose, initialize_config_dir
 
     from jaxreco import config
 
     config.register()
     with initialize_config_dir(str(CONF_DIR), version_base=None):
-        return compose("train", overrides=overrides)
+        return compose(primary, overrides=overrides)
 
 
 def _fetch(name: str) -> None:
@@ -50,19 +52,9 @@ def _fetch(name: str) -> None:
 
 
 def _prepare(overrides: list[str]) -> None:
-    from jaxreco.data import registry, split
+    from jaxreco.data.prepare import prepare
 
-    cfg = _compose(overrides)
-    t = time.time()
-    x = registry.load(OmegaConf.to_container(cfg.dataset, resolve=True))
-    sc = cfg.dataset.split
-    parts = split.random_split(x, test_fraction=sc.test_fraction, val_fraction=sc.val_fraction,
-                               seed=sc.seed)
-    sha = split.split_sha256(parts)
-    print(f"{x.name}: {x.num_users:,} users, {x.num_items:,} items ({time.time() - t:.1f} s)")
-    print(f"{'split':<6} {'rows':>10}  sha256")
-    for k, v in parts.items():
-        print(f"{k:<6} {len(v):>10,}  {sha[k]}")
+    prepare(_compose(overrides, primary="data"))
 
 
 def main(argv: list[str] | None = None) -> int:
