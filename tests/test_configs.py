@@ -17,10 +17,13 @@ config.register()
 GROUPS = [p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"]
 
 
-def _compose(overrides):
+PRIMARY = {"prepare": "data"}     # groups of `jaxreco-data prepare`; the rest: `jaxreco-train`
+
+
+def _compose(overrides, primary="train"):
     """Composes like the app does and resolves every interpolation (hydra's included)."""
     with initialize_config_dir(str(CONF_DIR), version_base=None):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(primary, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -34,7 +37,7 @@ def _options(group):
 @pytest.mark.parametrize("group, option",
                          [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_option_composes(group, option):
-    cfg = _compose([f"{group}={option}"])
+    cfg = _compose([f"{group}={option}"], PRIMARY.get(group, "train"))
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     if group == "experiment":
         assert cfg.name == option
