@@ -249,10 +249,11 @@ def main(argv=None) -> int:
                   f"dim 64 (latency does not depend on training); exported in "
                   f"{time.perf_counter() - t:.0f} s")
         port = _free_port()
+        server_log = open(Path(tmp) / "server.log", "w")
         server = subprocess.Popen(
             [sys.executable, "-m", "jaxreco.serve", "--model-dir", str(model_dir), "--host", HOST,
              "--port", str(port), "--model-name", args.model_name, "--log-level", "warning"],
-            env=env, cwd=str(REPO))
+            env=env, cwd=str(REPO), stdout=server_log, stderr=subprocess.STDOUT)
         try:
             ready = _wait_ready(port, server)
             print(f"server: pid {server.pid}, {HOST}:{port}, model version {ready['model_version']}; "
@@ -269,6 +270,14 @@ def main(argv=None) -> int:
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 server.kill()
+            server_log.close()
+            log_text = (Path(tmp) / "server.log").read_text(errors="replace")
+            refused = log_text.count("Exceeded concurrency limit")
+            if refused:  # past saturation uvicorn answers 503 beyond --limit-concurrency
+                print(f"# server refused {refused} requests over its concurrency limit (503) "
+                      "during the overload steps")
+            if "Traceback" in log_text:
+                print("# server log has errors:\n" + log_text[-3000:])
     lines = out.stdout.strip().splitlines()
     for line in lines[:-1]:
         print(line)
