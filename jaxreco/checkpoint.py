@@ -34,7 +34,8 @@ class Checkpointer:
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep)]
         if best_metric:
             policies.append(pp.BestN(get_metric_fn=lambda m: m[best_metric],
-                                     reverse=best_mode == "min", n=1))
+                                     reverse=best_mode == "min", n=1,
+                                     keep_checkpoints_without_metrics=False))
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -62,6 +63,27 @@ class Checkpointer:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], out["loop"]
+
+    def restore_latest(self, abstract_state, data_iter: grain.DatasetIterator | None = None):
+        """``(state, loop)`` from the newest readable step, or None if there is none.
+
+        A step that fails to restore (corrupt or truncated files) is reported and the
+        previous one is tried; if steps exist but none is readable, raises.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        errors = []
+        for step in steps:
+            try:
+                return self.restore(step, abstract_state, data_iter)
+            except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
+                msg = f"{self.directory / str(step)}: unreadable ({type(e).__name__}: " \
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+                errors.append(msg)
+                log.error("checkpoint %s; trying the previous step", msg)
+        if errors:
+            raise RuntimeError("no readable checkpoint in " + str(self.directory) + ": "
+                               + "; ".join(errors))
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -59,6 +59,7 @@ class TrainerConfig:
     eval_batch_size: int = 65536
     log_every_steps: int = 100
     checkpoint: bool = True
+    checkpoint_every_steps: int = 0  # also save every N steps (0: only at epoch ends)
     keep_checkpoints: int = 2       # latest K kept, plus the best
     async_checkpoint: bool = True
     progress_bar: bool = True

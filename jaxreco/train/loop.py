@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,11 +53,62 @@ def _columns(x: Interactions) -> dict[str, np.ndarray]:
     return {"user": x.user, "item": x.item, "rating": x.rating}
 
 
+def process_batch_shard(sharding, batch_size: int) -> tuple[int, int]:
+    """``(shard_index, shard_count)``: the contiguous slice of every global batch whose rows
+    this process's devices hold under ``sharding`` (the whole batch when it is replicated)."""
+    idx = sharding.addressable_devices_indices_map((batch_size,)).values()
+    starts = sorted({(i[0].start or 0, i[0].stop or batch_size) for i in idx})
+    lo, hi = starts[0][0], starts[-1][1]
+    if hi - lo != sum(b - a for a, b in starts) or batch_size % (hi - lo):
+        raise ValueError(f"this process's batch rows {starts} are not one contiguous equal slice")
+    return lo // (hi - lo), batch_size // (hi - lo)
+
+
+def _process_rows(batch: dict[str, np.ndarray], sharding) -> dict[str, np.ndarray]:
+    """The rows of a full (every-process) batch that belong to this process."""
+    if jax.process_count() == 1:
+        return batch
+    n = len(next(iter(batch.values())))
+    i, c = process_batch_shard(sharding, n)
+    return {k: v[i * (n // c):(i + 1) * (n // c)] for k, v in batch.items()}
+
+
 def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array | np.ndarray]:
     """This process's rows -> global arrays. One process: jit transfers numpy itself (cheaper)."""
     if jax.process_count() == 1:
         return batch
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+class PreemptionWatcher:
+    """SIGTERM → stop at a step boundary that every process agrees on.
+
+    One process: a signal handler sets a flag, checked after each step. Several: JAX's
+    preemption sync point (the coordination service relays the notice so all processes stop
+    at the same step, keeping their collectives matched).
+    """
+
+    def __init__(self):
+        self.flag = False
+        self.previous = None
+        self.multi = jax.process_count() > 1
+        if not self.multi and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.flag
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 class _Writer:
@@ -129,23 +182,26 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
-    ds = pipeline.train_dataset(_columns(train), batch_size=tc.batch_size, num_epochs=tc.epochs,
-                                seed=cfg.seed, shard_index=jax.process_index(),
-                                shard_count=jax.process_count())
-    data_iter = iter(ds)
     in_sharding = batch_sharding(mesh, rules)
+    shard_index, shard_count = process_batch_shard(in_sharding, tc.batch_size)
+    ds = pipeline.train_dataset(_columns(train), batch_size=tc.batch_size, num_epochs=tc.epochs,
+                                seed=cfg.seed, shard_index=shard_index, shard_count=shard_count)
+    data_iter = iter(ds)
 
     # ------------------------------------------------------------------ resume
+    # Order: fresh state and iterator above; then the newest readable checkpoint step
+    # replaces state, iterator position and loop bookkeeping together.
     ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints,
                         best_metric="val/rmse", best_mode="min",
                         async_save=tc.async_checkpoint) if tc.checkpoint else None
     loop = {"step": 0, "best_val": math.inf, "best_step": -1, "bad_epochs": 0,
-            "history": []}
+            "loss_sum": 0.0, "loss_count": 0, "last_loss": float("nan"), "history": []}
     abstract_state = abstract_like(state, shardings)
-    if ckpt is not None and ckpt.latest_step() is not None:
-        resume_step = ckpt.latest_step()
-        state, loop = ckpt.restore(resume_step, abstract_state, data_iter)
-        log.info("resumed from %s step %d", ckpt.directory, resume_step)
+    if ckpt is not None:
+        restored = ckpt.restore_latest(abstract_state, data_iter)
+        if restored is not None:
+            state, loop = restored
+            log.info("resumed from %s step %d", ckpt.directory, loop["step"])
 
     # ------------------------------------------------------------------ compile
     train_step = jax.jit(make_train_step(graphdef, tables, loss_fn, dense_tx),
@@ -153,10 +209,13 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
                          out_shardings=(shardings, None), donate_argnums=0)
     lo, hi = cfg.dataset.get("rating_range", None) or (None, None)
     eval_step = jax.jit(make_eval_step(graphdef, tables, (lo, hi) if lo is not None else None))
+    # Fake CPU devices share cores; bounding in-flight steps keeps collectives from timing out.
+    sync_each_step = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
 
     def evaluate(part: Interactions) -> dict[str, float]:
         sums = None
         for batch, n in pipeline.eval_batches(_columns(part), tc.eval_batch_size):
+            batch = _to_global(_process_rows(batch, in_sharding), in_sharding)
             sums = metrics_lib.merge(sums, jax.device_get(eval_step(state, batch, n)))
         return metrics_lib.regression_metrics(sums)
 
@@ -164,54 +223,79 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     writer = _Writer(workdir / "tb" if (is_main and cfg.logger.tensorboard) else None)
     step = int(loop["step"])
     pending: list[jax.Array] = []
-    last_loss = float("nan")
     train_seconds, train_examples = 0.0, 0
     bar = tqdm(total=total_steps, initial=step, disable=not (is_main and tc.progress_bar),
                desc="train", unit="step", dynamic_ncols=True)
     t_mark, examples_since = time.time(), 0
-    stopped_early = False
-    while step < total_steps:
+    stopped_early = step < total_steps and loop["bad_epochs"] >= tc.patience
+    preemption = PreemptionWatcher()
+
+    def flush_losses() -> None:
+        if pending:
+            loop["loss_sum"] += float(np.sum(jax.device_get(pending)))
+            loop["loss_count"] += len(pending)
+            pending.clear()
+
+    while step < total_steps and not stopped_early:
         batch = _to_global(next(data_iter), in_sharding)
         state, m = train_step(state, batch)
+        if sync_each_step:
+            jax.block_until_ready(state)
         step += 1
         pending.append(m["loss"])
         examples_since += tc.batch_size
         bar.update(1)
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
         if step % tc.log_every_steps == 0 or end_of_epoch:
-            last_loss = float(np.mean(jax.device_get(pending)))
-            pending.clear()
+            flush_losses()
+            loop["last_loss"] = loop["loss_sum"] / loop["loss_count"]
+            loop["loss_sum"], loop["loss_count"] = 0.0, 0
             dt = time.time() - t_mark
             train_seconds += dt
             train_examples += examples_since
-            writer.scalars(step, {"train/loss": last_loss,
+            writer.scalars(step, {"train/loss": loop["last_loss"],
                                   "perf/examples_per_sec": examples_since / max(dt, 1e-9),
                                   "learning/lr": cfg.optimizer.lr})
-            bar.set_postfix(loss=f"{last_loss:.4f}")
+            bar.set_postfix(loss=f"{loop['last_loss']:.4f}")
             t_mark, examples_since = time.time(), 0
-        if not end_of_epoch:
-            continue
-        # -------------------------------------------------------------- validate, checkpoint
-        epoch = step // steps_per_epoch if step % steps_per_epoch == 0 else step / steps_per_epoch
-        val = evaluate(splits["val"])
-        writer.scalars(step, {f"eval/val/{k}": v for k, v in val.items() if k != "count"})
-        improved = val["rmse"] < loop["best_val"]
-        if improved:
-            loop.update(best_val=val["rmse"], best_step=step, bad_epochs=0)
-        else:
-            loop["bad_epochs"] += 1
         loop["step"] = step
-        loop["history"].append({"step": step, "val/rmse": val["rmse"], "train/loss": last_loss})
-        log.info("epoch %s step %d: train/loss %.4f  val/rmse %.4f%s", epoch, step, last_loss,
-                 val["rmse"], "  (best)" if improved else "")
-        stopped_early = loop["bad_epochs"] >= tc.patience
-        if ckpt is not None:
-            ckpt.save(step, state, data_iter, loop, metrics={"val/rmse": val["rmse"]})
-        if stopped_early:
-            log.info("early stop: no val improvement for %d epochs", tc.patience)
-            break
-        t_mark = time.time()
+        if end_of_epoch:
+            # ---------------------------------------------------------- validate
+            val = evaluate(splits["val"])
+            writer.scalars(step, {f"eval/val/{k}": v for k, v in val.items() if k != "count"})
+            improved = val["rmse"] < loop["best_val"]
+            if improved:
+                loop.update(best_val=val["rmse"], best_step=step, bad_epochs=0)
+            else:
+                loop["bad_epochs"] += 1
+            loop["history"].append({"step": step, "val/rmse": val["rmse"],
+                                    "train/loss": loop["last_loss"]})
+            log.info("epoch %g step %d: train/loss %.4f  val/rmse %.4f%s",
+                     step / steps_per_epoch, step, loop["last_loss"], val["rmse"],
+                     "  (best)" if improved else "")
+            stopped_early = loop["bad_epochs"] >= tc.patience
+            if ckpt is not None:
+                ckpt.save(step, state, data_iter, loop, metrics={"val/rmse": val["rmse"]})
+            if stopped_early:
+                log.info("early stop: no val improvement for %d epochs", tc.patience)
+            t_mark = time.time()
+        elif ckpt is not None and tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0:
+            flush_losses()
+            ckpt.save(step, state, data_iter, loop)
+        # -------------------------------------------------------------- preemption
+        if preemption.reached(step):
+            flush_losses()
+            if ckpt is not None:
+                if ckpt.latest_step() != step:
+                    ckpt.save(step, state, data_iter, loop)
+                ckpt.close()
+            bar.close()
+            writer.close()
+            log.warning("preempted (SIGTERM): saved step %d to %s; rerun the same command "
+                        "to resume", step, ckpt.directory if ckpt else "(checkpointing off)")
+            raise SystemExit(0)
     bar.close()
+    preemption.close()
 
     # ------------------------------------------------------------------ test the best model
     if ckpt is not None:
@@ -222,7 +306,7 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     results = {"val/" + k: v for k, v in evaluate(splits["val"]).items() if k != "count"}
     results.update({"test/" + k: v for k, v in evaluate(splits["test"]).items() if k != "count"})
     results.update({
-        "train/loss": last_loss, "train/steps": step, "train/best_step": loop["best_step"],
+        "train/loss": loop["last_loss"], "train/steps": step, "train/best_step": loop["best_step"],
         "train/epochs": step / steps_per_epoch, "train/stopped_early": stopped_early,
         "perf/train_seconds": train_seconds,
         "perf/examples_per_sec": train_examples / max(train_seconds, 1e-9),
