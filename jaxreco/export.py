@@ -253,7 +253,8 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
             sims = tf.where(known[:, None], sims, self.popularity[None, :])
             b = tf.shape(i, out_type=tf.int64)[0]
             self_pos = tf.stack([tf.range(b), i], axis=1)
-            sims = tf.tensor_scatter_nd_update(sims, self_pos, tf.fill([b], excluded))
+            self_val = tf.where(known, tf.fill([b], excluded), tf.gather_nd(sims, self_pos))
+            sims = tf.tensor_scatter_nd_update(sims, self_pos, self_val)  # unknown: no self
             if self.has_co:
                 co = self._scatter_csr(tf.zeros_like(sims, dtype=tf.int32), i, known,
                                        self.co_indptr, self.co_indices,

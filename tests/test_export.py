@@ -169,8 +169,10 @@ def test_similar_items_ranks_co_purchases_then_cosine(parity):
     v = data.params["item_embed"] / np.linalg.norm(data.params["item_embed"], axis=1, keepdims=True)
     for q, i in enumerate(sim):
         got = [item_pos[s] for s in out["sim_items"][q]]
-        if q == 7:
+        if q == 7:  # unknown item: the popular items, none left out
             assert not out["sim_known"][q]
+            pop = data.popularity()
+            assert got == sorted(range(data.num_items), key=lambda j: (-pop[j], j))[:5]
             continue
         assert out["sim_known"][q]
         want = S.ref_similar(data, int(i), 5)
@@ -189,13 +191,19 @@ def test_k_out_of_range_is_a_clear_graph_error(parity):
 def test_similar_items_without_baskets(tmp_path):
     tf = pytest.importorskip("tensorflow")
     data = S.make_mf(num_users=20, num_items=15, seed=3, baskets=False, categories=False)
-    path = S.export(data, tmp_path, 7)
+    path = S.export(data, tmp_path, 7, popularity=np.arange(15, 0, -1))  # item 0 most popular
     m = tf.saved_model.load(str(path))
-    r = m.signatures["similar_items"](item=tf.constant([data.item_id(2)]), k=tf.constant(14))
+    r = m.signatures["similar_items"](item=tf.constant([data.item_id(2), "unknown"]),
+                                      k=tf.constant(14))
     pos = {s: i for i, s in enumerate(data.item_vocab)}
-    got = [pos[s] for s in r["items"].numpy()[0].astype(str)]
-    assert got == S.ref_similar(data, 2, 14)
-    assert r["co_counts"].numpy().tolist() == [[0] * 14]
+    got = [[pos[s] for s in row] for row in r["items"].numpy().astype(str)]
+    assert got[0] == S.ref_similar(data, 2, 14)
+    assert got[1] == list(range(14))  # popularity order; item 0 is not "the query item"
+    assert r["known"].numpy().tolist() == [True, False]
+    assert r["co_counts"].numpy().tolist() == [[0] * 14] * 2
+    r = m.signatures["recommend"](user=tf.constant(["unknown"]), k=tf.constant(3))
+    assert [pos[s] for s in r["items"].numpy()[0].astype(str)] == [0, 1, 2]
+    np.testing.assert_array_equal(r["scores"].numpy()[0], [15, 14, 13])
     assert not (path / "assets" / layout.ITEM_CATEGORY_FILE).exists()
 
 
