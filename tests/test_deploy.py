@@ -132,6 +132,7 @@ def test_healthcheck_exit_codes(monkeypatch):
         assert healthcheck.main(["/healthz"]) == 1
     finally:
         srv.shutdown()
+        srv.server_close()
     assert healthcheck.main([]) == 1  # nothing listening
 
 

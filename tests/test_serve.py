@@ -274,8 +274,8 @@ def test_cli_listens_on_loopback_by_default_and_reads_env(monkeypatch):
 # ------------------------------------------------------------------- fuzzing
 # ~2,000 requests, ~30 s on 2 cores; JAXRECO_FUZZ_SCALE=5 for a longer run.
 _SCALE = float(os.environ.get("JAXRECO_FUZZ_SCALE", "1"))
-FUZZ_SCHEMA_EXAMPLES = int(1300 * _SCALE)
-FUZZ_RAW_EXAMPLES = int(700 * _SCALE)
+FUZZ_SCHEMA_EXAMPLES = int(1000 * _SCALE)
+FUZZ_RAW_EXAMPLES = int(1000 * _SCALE)
 
 def _json_strategy():
     from hypothesis import strategies as st
