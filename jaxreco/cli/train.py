@@ -66,10 +66,13 @@ def _app(cfg: DictConfig) -> float:
         return float(_train(cfg, workdir)[OBJECTIVE])
     except Exception as e:  # noqa: BLE001 - one run's failure must not end the sweep
         run["error"] = failure_reason(e)
+        pe = detect()
         tracking.write_failure(workdir, cfg, e, job={"num": hc.job.num, "overrides": overrides},
-                               process_index=detect().process_id)
-        log.error("run %d (%s) failed: %s  [%s]", hc.job.num, " ".join(overrides), run["error"],
-                  workdir / "error.json")
+                               process_index=pe.process_id)
+        where = f" on process {pe.process_id} of {pe.num_processes}" if pe.num_processes > 1 else ""
+        record = "error.json" if pe.process_id == 0 else f"error.process{pe.process_id}.json"
+        log.error("run %d (%s) failed%s: %s  [%s]", hc.job.num, " ".join(overrides), where,
+                  run["error"], workdir / record)
         return float("nan")
 
 
