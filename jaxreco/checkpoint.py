@@ -15,6 +15,8 @@ and continue from there. The manager keeps the latest ``keep`` steps plus the be
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +76,32 @@ class Checkpointer:
         errors = []
         for step in steps:
             try:
-                return self.restore(step, abstract_state, data_iter)
+                out = self.restore(step, abstract_state, data_iter)
             except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
                 msg = f"{self.directory / str(step)}: unreadable ({type(e).__name__}: " \
                       f"{str(e).splitlines()[0][:200] if str(e) else ''})"
                 errors.append(msg)
                 log.error("checkpoint %s; trying the previous step", msg)
+                continue
+            if errors:
+                self._quarantine([s for s in steps if s > step])
+            return out
         if errors:
             raise RuntimeError("no readable checkpoint in " + str(self.directory) + ": "
                                + "; ".join(errors))
         return None
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves unreadable steps to ``<dir>/unreadable/<step>`` (kept for inspection) so the
+        resumed run can write those steps again."""
+        if jax.process_index() == 0:
+            dest = self.directory / "unreadable"
+            dest.mkdir(exist_ok=True)
+            for s in steps:
+                target = dest / f"{s}-{int(time.time())}"
+                os.replace(self.directory / str(s), target)
+                log.warning("moved unreadable checkpoint step %d to %s", s, target)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
