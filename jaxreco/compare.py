@@ -162,6 +162,8 @@ def _fmt(v: Any) -> str:
 def _fmt_metric(v: float | None) -> str:
     if v is None:
         return "-"
+    if not math.isfinite(v):
+        return str(v)
     return f"{v:.0f}" if v == int(v) and abs(v) < 1e9 else f"{v:.4f}"
 
 
@@ -214,14 +216,20 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboardX.proto import event_pb2
 
     series: dict[str, dict[int, float]] = {}
+    scalar_tags: set[str] = set()         # tensor scalars carry their metadata once per tag
     for f in sorted(Path(logdir).glob("events.out.tfevents.*")):
         for rec in _records(f):
             ev = event_pb2.Event.FromString(rec)
             if not ev.HasField("summary"):
                 continue
             for v in ev.summary.value:
+                if v.metadata.plugin_data.plugin_name == "scalars":
+                    scalar_tags.add(v.tag)
                 if v.HasField("simple_value"):
                     x = v.simple_value
+                elif v.metadata.plugin_data.plugin_name not in ("", "scalars") or (
+                        v.metadata.plugin_data.plugin_name == "" and v.tag not in scalar_tags):
+                    continue                 # not a scalar (e.g. the HParams session markers)
                 elif v.HasField("tensor") and len(v.tensor.float_val) == 1:
                     x = v.tensor.float_val[0]
                 elif v.HasField("tensor") and len(v.tensor.tensor_content) == 4:
