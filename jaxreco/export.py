@@ -30,7 +30,8 @@ tests). A newer JAX writes a StableHLO version that TF 2.21 cannot deserialize; 
 reloads what it wrote and fails with :class:`ExportError` naming both versions if so.
 
 Two layers: :func:`export_saved_model` takes parameters and pure JAX functions and knows
-nothing about training; :func:`export_run` adapts a trained run directory to it.
+nothing about training; :func:`export_run` adapts a ``jaxreco-train`` run directory (biased
+MF) to it.
 """
 
 from __future__ import annotations
@@ -463,21 +464,92 @@ def _verify(tf, saved: Path, params, score_fn, user_vocab, item_vocab, n: int = 
             f"the reloaded SavedModel's scores differ from JAX by up to {err:g}"))
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: int,
-               *, step: int | None = None) -> Path:
-    """Exports a trained run directory (its Orbax checkpoint and vocabularies).
+def biased_mf_functions():
+    """``score_fn``, ``user_item_scores_fn``, ``item_vectors_fn`` for biased MF params.
 
-    Thin adapter over :func:`export_saved_model`: restore the parameters with
-    :func:`restore_params`, read the vocabularies and training items the trainer saved,
-    take the model's ``score``/``user_item_scores``/``item_vectors`` functions, and call
-    :func:`export_saved_model`.
+    ``r(u, i) = global_bias + user_bias[u] + item_bias[i] + <user_embed[u], item_embed[i]>``,
+    the scoring of :class:`jaxreco.models.mf.MF` on whole tables instead of gathered rows.
     """
-    raise NotImplementedError(
-        f"export_run({str(run_dir)!r}): the trainer's run-directory layout (checkpoint item "
-        "name, vocabulary and seen-items files, model functions) is not wired yet. Until it "
-        "is, call jaxreco.export.export_saved_model(out_dir, version, params=..., "
-        "score_fn=..., user_item_scores_fn=..., item_vectors_fn=..., user_vocab=..., "
-        "item_vocab=..., seen=...) directly; restore_params() reads the Orbax checkpoint.")
+    def score(p, u, i):
+        return (p["global_bias"] + p["user_bias"][u, 0] + p["item_bias"][i, 0]
+                + jnp.sum(p["user_embed"][u] * p["item_embed"][i], axis=-1))
+
+    def user_item_scores(p, u):
+        return (p["global_bias"] + p["user_bias"][u] + p["item_bias"][:, 0][None, :]
+                + p["user_embed"][u] @ p["item_embed"].T)
+
+    def item_vectors(p):
+        return p["item_embed"]
+
+    return score, user_item_scores, item_vectors
+
+
+def seen_csr(user: np.ndarray, item: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR ``(indptr [U+1], indices)`` of each user's distinct items, sorted."""
+    pairs = np.unique(np.stack([np.asarray(user, np.int64), np.asarray(item, np.int64)], 1), axis=0)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(pairs[:, 0], minlength=num_users))])
+    return indptr.astype(np.int64), pairs[:, 1].astype(np.int32)
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: int,
+               *, step: int | None = None, **kwargs) -> Path:
+    """Exports a run directory written by ``jaxreco-train`` (biased MF).
+
+    Reads ``config.yaml`` and ``splits.json``, reloads the dataset and re-splits it as the
+    trainer did (the training split's sha256 must match, so "seen" really is what the model
+    trained on), restores the checkpoint step (default: ``train/best_step`` from
+    ``metrics.json`` when that step is kept, else the latest), trims the row-padded tables
+    to the vocabularies, and calls :func:`export_saved_model` (``kwargs`` go through).
+    """
+    from omegaconf import OmegaConf
+
+    from jaxreco.data import registry
+    from jaxreco.data import split as split_lib
+
+    run_dir = Path(run_dir)
+    for f in ("config.yaml", "splits.json", "checkpoints"):
+        if not (run_dir / f).exists():
+            raise ExportError(f"{run_dir} is not a jaxreco-train run directory: no {f}")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if cfg.model.name != "mf":
+        raise ExportError(f"{run_dir}: model.name={cfg.model.name!r}; export_run handles 'mf' "
+                          "(call export_saved_model with that model's functions)")
+    sc = cfg.dataset.split
+    if sc.kind != "random":
+        raise ExportError(f"{run_dir}: dataset.split.kind={sc.kind!r}; export_run handles 'random'")
+    data = registry.load(OmegaConf.to_container(cfg.dataset, resolve=True))
+    splits = split_lib.random_split(data, test_fraction=sc.test_fraction,
+                                    val_fraction=sc.val_fraction, seed=sc.seed)
+    want = json.loads((run_dir / "splits.json").read_text())
+    got = split_lib.split_sha256(splits)["train"]
+    if got != want.get("train/sha256"):
+        raise ExportError(f"{run_dir}: the training split re-made from {cfg.dataset.name} has "
+                          f"sha256 {got[:12]}…, the run trained on {str(want.get('train/sha256'))[:12]}…; "
+                          "the dataset changed since training")
+    if step is None:
+        metrics_path = run_dir / "metrics.json"
+        best = json.loads(metrics_path.read_text()).get("train/best_step") if metrics_path.exists() else None
+        kept = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+        step = int(best) if best is not None and int(best) in kept else None
+    state = restore_params(run_dir / "checkpoints", step=step, item="state")
+    nu, ni = data.num_users, data.num_items
+    try:
+        t, dense = state["tables"], state["dense"]
+        params = {"user_embed": t["user_embed"]["value"][:nu], "item_embed": t["item_embed"]["value"][:ni],
+                  "user_bias": t["user_bias"]["value"][:nu], "item_bias": t["item_bias"]["value"][:ni],
+                  "global_bias": np.asarray(dense["global_bias"]["value"], np.float32)}
+    except (KeyError, TypeError) as e:
+        raise ExportError(f"{run_dir}: checkpoint state lacks the MF table {e}; tables: "
+                          f"{sorted(state.get('tables', {}))}") from None
+    train = splits["train"]
+    score, all_scores, vectors = biased_mf_functions()
+    info = {"run_dir": str(run_dir.resolve()), "dataset": data.name,
+            "checkpoint_step": int(np.asarray(state.get("step", -1)))}
+    info.update(kwargs.pop("model_info", {}) or {})
+    return export_saved_model(
+        out_dir, version, params=params, score_fn=score, user_item_scores_fn=all_scores,
+        item_vectors_fn=vectors, user_vocab=data.user_vocab, item_vocab=data.item_vocab,
+        seen=seen_csr(train.user, train.item, nu), model_info=info, **kwargs)
 
 
 def restore_params(checkpoint: str | os.PathLike, *, step: int | None = None,

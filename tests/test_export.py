@@ -282,9 +282,14 @@ def test_restore_params_from_orbax_manager_and_step(tmp_path):
         ex.restore_params(tmp_path / "ckpt", item="model")
 
 
-def test_export_run_says_what_is_missing(tmp_path):
-    with pytest.raises(NotImplementedError, match="call jaxreco.export.export_saved_model"):
+def test_export_run_names_what_is_missing(tmp_path):
+    with pytest.raises(ex.ExportError, match="is not a jaxreco-train run directory: no config.yaml"):
         ex.export_run(tmp_path, tmp_path / "out", 1)
+
+
+def test_seen_csr_dedupes_and_sorts():
+    indptr, indices = ex.seen_csr(np.array([2, 0, 2, 2]), np.array([5, 1, 3, 5]), 4)
+    assert indptr.tolist() == [0, 1, 1, 3, 3] and indices.tolist() == [1, 3, 5]
 
 
 def test_cli_export_reports_errors_and_picks_next_version(tmp_path, capsys, exported):
@@ -294,4 +299,4 @@ def test_cli_export_reports_errors_and_picks_next_version(tmp_path, capsys, expo
     assert next_version(str(model_dir)) == 2
     assert next_version(str(tmp_path / "missing")) == 1
     assert main(["--run-dir", str(tmp_path), "--out-dir", str(tmp_path / "m")]) == 2
-    assert "export_run" in capsys.readouterr().err
+    assert "not a jaxreco-train run directory" in capsys.readouterr().err

@@ -4,7 +4,7 @@
         [--version N] [--step S]
 
 ``--version`` defaults to one more than the highest version already in ``--out-dir`` (TF
-Serving serves the highest). Needs the ``[export]`` extra (TensorFlow); see
+Serving serves the highest); ``--step`` to the run's best checkpoint step. Needs the ``[export]`` extra (TensorFlow); see
 docs/serving.md for the JAX/TensorFlow versions that export and serve.
 """
 
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True, help="trained run directory (checkpoint + vocabularies)")
     p.add_argument("--out-dir", required=True, help="model directory; the version goes below it")
     p.add_argument("--version", type=int, default=None, help="default: highest existing + 1")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--step", type=int, default=None,
+                   help="checkpoint step (default: the run's best step if kept, else the latest)")
     args = p.parse_args(argv)
     version = args.version if args.version is not None else next_version(args.out_dir)
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         path = export_run(args.run_dir, args.out_dir, version, step=args.step)
-    except (ExportError, NotImplementedError, FileNotFoundError) as e:
+    except (ExportError, FileNotFoundError) as e:
         print(f"jaxreco-export: {e}", file=sys.stderr)
         return 2
     print(path)
