@@ -17,6 +17,7 @@ previous call ran), then each request's rules and top-k run vectorised in numpy.
 """
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -136,7 +137,7 @@ class _Batcher:
 
     def __init__(self, executor, fn, max_items: int):
         self._executor, self._fn, self._max = executor, fn, max_items
-        self._queue: list[tuple[Any, int, asyncio.Future]] = []
+        self._queue: collections.deque[tuple[Any, int, asyncio.Future]] = collections.deque()
         self._running = False
 
     async def submit(self, manager: ModelManager, payload, size: int):
@@ -154,7 +155,7 @@ class _Batcher:
             while self._queue:
                 batch, total = [], 0
                 while self._queue and (not batch or total + self._queue[0][1] <= self._max):
-                    p = self._queue.pop(0)
+                    p = self._queue.popleft()
                     batch.append(p)
                     total += p[1]
                 model = manager.current  # one version for the whole batch
