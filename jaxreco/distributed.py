@@ -121,6 +121,12 @@ def initialize_from_env(coordinator_address: str | None = None, num_processes: i
 
     log.info("jax.distributed: process %d of %d, coordinator %s (from %s)", pe.process_id,
              pe.num_processes, pe.coordinator_address, pe.source)
+    # A dead peer is detected by missed heartbeats; JAXRECO_HEARTBEAT_TIMEOUT_SECONDS bounds
+    # how long the survivors wait before failing (JAX's default: 100 s).
+    extra = {}
+    env_ = os.environ if env is None else env
+    if env_.get("JAXRECO_HEARTBEAT_TIMEOUT_SECONDS"):
+        extra["heartbeat_timeout_seconds"] = _int(env_, "JAXRECO_HEARTBEAT_TIMEOUT_SECONDS")
     jax.distributed.initialize(coordinator_address=pe.coordinator_address,
-                               num_processes=pe.num_processes, process_id=pe.process_id)
+                               num_processes=pe.num_processes, process_id=pe.process_id, **extra)
     return pe

@@ -135,6 +135,8 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    if not is_main:                       # one voice: other processes log warnings only
+        log.setLevel(logging.WARNING)
     tc = cfg.trainer
 
     # ------------------------------------------------------------------ data
