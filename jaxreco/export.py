@@ -126,6 +126,45 @@ def _write_lines(path: Path, lines: Sequence[str]) -> None:
             f.write(f"{s}\n")
 
 
+def co_purchase_counts(basket: np.ndarray, item: np.ndarray, num_items: int, *,
+                       max_basket_size: int = 64, max_partners: int = 100,
+                       chunk_pairs: int = 10_000_000):
+    """CSR ``(indptr [I+1], indices, data)``: how many baskets hold both items ``i`` and ``j``.
+
+    ``basket`` and ``item`` are parallel arrays (e.g. Instacart's ``order_id`` and the item
+    index); an item counted once per basket. Baskets of one item say nothing and baskets
+    of more than ``max_basket_size`` items (bulk orders) are skipped; each item keeps its
+    ``max_partners`` most frequent partners (ties: lower index), so the result stays small.
+    Work is vectorised per basket size, ``chunk_pairs`` pairs at a time.
+    """
+    pairs = np.unique(np.stack([np.asarray(basket, np.int64), np.asarray(item, np.int64)], 1), axis=0)
+    if pairs.size and (pairs[:, 1].min() < 0 or pairs[:, 1].max() >= num_items):
+        raise ExportError(f"co_purchase_counts: item indices must lie in [0, {num_items})")
+    _, start, size = np.unique(pairs[:, 0], return_index=True, return_counts=True)
+    keys, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for s in np.unique(size[(size >= 2) & (size <= max_basket_size)]):
+        starts = start[size == s]
+        step = max(1, chunk_pairs // int(s * s))
+        off = ~np.eye(s, dtype=bool)
+        for c in range(0, len(starts), step):
+            rows = pairs[starts[c:c + step, None] + np.arange(s)[None, :], 1]  # [n, s] items
+            k = (rows[:, :, None] * num_items + rows[:, None, :])[:, off]
+            k, n = np.unique(k, return_counts=True)
+            keys, inv = np.unique(np.concatenate([keys, k]), return_inverse=True)
+            counts = np.bincount(inv, weights=np.concatenate([counts, n]).astype(np.float64),
+                                 minlength=len(keys)).astype(np.int64) if len(keys) else counts
+    r, c = keys // num_items, keys % num_items
+    order = np.lexsort((c, -counts, r))
+    r, c, counts = r[order], c[order], counts[order]
+    first = np.searchsorted(r, r, side="left")
+    keep = (np.arange(len(r)) - first) < max_partners
+    r, c, counts = r[keep], c[keep], counts[keep]
+    c_order = np.lexsort((c, r))  # CSR rows with ascending column indices
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=num_items))])
+    return (indptr.astype(np.int64), c[c_order].astype(np.int32),
+            counts[c_order].astype(np.int32))
+
+
 def popularity_from_seen(seen_indices: np.ndarray, num_items: int) -> np.ndarray:
     """Number of training interactions per item (float32 [num_items])."""
     return np.bincount(np.asarray(seen_indices), minlength=num_items).astype(np.float32)

@@ -300,3 +300,29 @@ def test_cli_export_reports_errors_and_picks_next_version(tmp_path, capsys, expo
     assert next_version(str(tmp_path / "missing")) == 1
     assert main(["--run-dir", str(tmp_path), "--out-dir", str(tmp_path / "m")]) == 2
     assert "not a jaxreco-train run directory" in capsys.readouterr().err
+
+
+def test_co_purchase_counts_equal_brute_force():
+    rng = np.random.default_rng(5)
+    n_items = 30
+    basket = rng.integers(0, 200, 1500)
+    item = rng.integers(0, n_items, 1500)
+    basket[:40], item[:40] = 999, np.arange(40) % n_items  # a bulk order, skipped
+    indptr, indices, data = ex.co_purchase_counts(basket, item, n_items, max_basket_size=25,
+                                                  max_partners=4, chunk_pairs=500)
+    want = np.zeros((n_items, n_items), np.int64)
+    for b in set(basket.tolist()):
+        its = sorted(set(item[basket == b].tolist()))
+        if 2 <= len(its) <= 25:
+            for i in its:
+                for j in its:
+                    if i != j:
+                        want[i, j] += 1
+    assert indptr.shape == (n_items + 1,)
+    for i in range(n_items):
+        cols, vals = indices[indptr[i]:indptr[i + 1]], data[indptr[i]:indptr[i + 1]]
+        assert list(cols) == sorted(cols)
+        top = sorted((j for j in range(n_items) if want[i, j] > 0), key=lambda j: (-want[i, j], j))[:4]
+        assert sorted(top) == cols.tolist() and vals.tolist() == want[i, cols].tolist()
+    with pytest.raises(ex.ExportError, match=r"must lie in \[0, 30\)"):
+        ex.co_purchase_counts([1], [30], n_items)
