@@ -6,7 +6,6 @@ Business rules are on: item 5 excluded, item 7 promoted by +2.0, at most 3 per c
 
 from __future__ import annotations
 
-import http.client
 import importlib.util
 import json
 import os

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Union
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -70,7 +70,7 @@ def _err(status: int, message: str) -> Response:
 
 # ---------------------------------------------------------------------- body size limit
 class RequestGuardMiddleware:
-    """Answers 413 to bodies over ``limit`` bytes, declared or streamed, without reading more.
+    """Answers 413 to bodies over ``limit`` bytes, declared or streamed (never holding more).
 
     It also reads every POST body as JSON whatever its Content-Type, as TF Serving does
     (``curl -d`` sends ``application/x-www-form-urlencoded``).
