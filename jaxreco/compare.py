@@ -262,6 +262,10 @@ def plot_metric_vs_hparams(runs: Sequence[Run], keys: Sequence[str], metric: str
             xs = [float(v) for v in vals]
             if xs and min(xs) > 0 and max(xs) / min(xs) >= 10:
                 ax.set_xscale("log")
+            distinct = sorted(set(xs))
+            if len(distinct) <= 8:                 # a grid: label exactly the values swept
+                ax.set_xticks(distinct, [_fmt(v) for v in distinct])
+                ax.minorticks_off()
         else:
             cats = sorted({_fmt(v) for v in vals})
             xs = [cats.index(_fmt(v)) for v in vals]

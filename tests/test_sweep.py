@@ -255,7 +255,7 @@ def submitit_run(tmp_path_factory, tiny):
     tmp = tmp_path_factory.mktemp("submitit")
     out = tmp / "multirun"
     p = _sweep(tmp, tiny, out, "hydra/launcher=slurm_local", "hydra.launcher.tasks_per_node=2",
-               "mesh.axes.data=2", f"model.dim={DIMS[0]}", f"optimizer.lr={LRS[1]}")
+               "mesh=dp", f"model.dim={DIMS[0]}", f"optimizer.lr={LRS[1]}")
     return p, out / "0"
 
 
@@ -268,8 +268,6 @@ def test_submitit_launcher_initializes_jax_distributed(submitit_run):
     assert json.loads((run / "run.json").read_text())["process_count"] == 2
 
 
-@pytest.mark.xfail(strict=False, reason="loop.process_batch_shard raises IndexError on process 1 "
-                   "of 2 (one CPU device per process, mesh.axes.data=2) since d2cad4b; reported")
 def test_two_process_run_matches_one_process(submitit_run, sweep2x2):
     p, run = submitit_run
     assert not (run / "error.json").exists(), (run / "error.json").read_text()[-1500:]
