@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxreco.data import movielens, registry
-from jaxreco.data.dataset import DataError, Interactions, encode_ids
+from jaxreco.data.dataset import DataError, Interactions
 from tests.conftest import low_rank_ratings, write_ratings_dat, write_u_data
 
 
@@ -37,23 +37,25 @@ def test_recbole_atomic_file():
 
 
 @pytest.mark.parametrize("line, message", [
-    ("1::2::3\n", "ratings.dat:3: expected 4 '::'-separated fields, got 3"),
-    ("1::2::five::978300760\n", "ratings.dat:3: field 'rating' has non-numeric value 'five'"),
-    ("::2::3::978300760\n", "ratings.dat:3: field 'user' is empty"),
-    ("1::2::9::978300760\n", "ratings.dat:3: field 'rating' value '9' is out of range [1, 5]"),
-    ("1::2::3::12\n", "ratings.dat:3: field 'timestamp' value '12' is out of range"),
+    ("1::2::3\n", "ratings.dat:3: field '<row>' = '1::2::3': wrong column count: expected 4, got 3"),
+    ("1::2::five::978300760\n", "ratings.dat:3: field 'rating' = 'five': not a number"),
+    ("::2::3::978300760\n", "ratings.dat:3: field 'user' = '': empty id"),
+    ("1::2::9::978300760\n", "ratings.dat:3: field 'rating' = '9.0': out of range [1.0, 5.0]"),
+    ("1::2::3::12\n", "ratings.dat:3: field 'timestamp' = '12': out of range"),
 ])
 def test_bad_rows_name_file_line_field(tmp_path, line, message):
     good = "1::1::5::978300760\n2::1::3::978300761\n"
     (tmp_path / "ratings.dat").write_text(good + line)
-    with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(DataError) as e:
         movielens.load_official(tmp_path)
+    assert message in str(e.value)
 
 
 def test_invalid_utf8_names_line(tmp_path):
     (tmp_path / "ratings.dat").write_bytes(b"1::1::5::978300760\n2::\xff::3::978300761\n")
-    with pytest.raises(DataError, match=r"ratings.dat:2: invalid UTF-8 byte b'\\xff'"):
+    with pytest.raises(DataError) as e:
         movielens.load_official(tmp_path)
+    assert "ratings.dat:2: field 'item'" in str(e.value) and "invalid UTF-8" in str(e.value)
 
 
 def test_missing_directory_and_files(tmp_path):
@@ -61,12 +63,6 @@ def test_missing_directory_and_files(tmp_path):
         movielens.load_official(tmp_path / "nope")
     with pytest.raises(DataError, match=r"found neither of \['ratings.dat', 'u.data'\]"):
         movielens.load_official(tmp_path)
-
-
-def test_encode_ids_first_appearance_order():
-    idx, vocab = encode_ids(np.array(["b", "a", "b", "c", "a"]))
-    np.testing.assert_array_equal(idx, [0, 1, 0, 2, 1])
-    np.testing.assert_array_equal(vocab, ["b", "a", "c"])
 
 
 def test_registry_caches_and_rejects_corrupt_cache(ml_dir, cache_env):

@@ -105,18 +105,6 @@ class Interactions:
                    item_vocab=d["item_vocab"], name=str(d.get("name", "")))
 
 
-def encode_ids(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Maps raw ids to contiguous int32 indices in order of first appearance.
-
-    Returns ``(index, vocab)`` with ``vocab[index] == raw``.
-    """
-    vocab, first, inverse = np.unique(raw, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")          # first-appearance order
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return rank[inverse].astype(np.int32), vocab[order]
-
-
 def array_sha256(cols: dict[str, np.ndarray]) -> str:
     """sha256 over named arrays (name, dtype, shape and bytes), order-independent in names."""
     h = hashlib.sha256()
