@@ -57,6 +57,10 @@ def process_batch_shard(sharding, batch_size: int) -> tuple[int, int]:
     """``(shard_index, shard_count)``: the contiguous slice of every global batch whose rows
     this process's devices hold under ``sharding`` (the whole batch when it is replicated)."""
     idx = sharding.addressable_devices_indices_map((batch_size,)).values()
+    if not idx:
+        raise ValueError(f"mesh {dict(sharding.mesh.shape)} holds none of process "
+                         f"{jax.process_index()}'s devices; with {jax.process_count()} processes "
+                         "use a mesh over all devices (e.g. mesh=dp, mesh=dp_mp; -1 = the rest)")
     starts = sorted({(i[0].start or 0, i[0].stop or batch_size) for i in idx})
     lo, hi = starts[0][0], starts[-1][1]
     if hi - lo != sum(b - a for a, b in starts) or batch_size % (hi - lo):
