@@ -44,6 +44,48 @@ class MFConfig:
 
 
 @dataclasses.dataclass
+class EmbedMLPConfig:
+    name: str = "embed_mlp"
+    combiner: str = "mlp"           # dot (MF) | gmf | mlp | both (NeuMF) | linear (LR)
+    dim: int = 32                   # MLP-tower embedding size per feature
+    mf_dim: int = 32                # dot/GMF embedding size
+    mlp_dims: list[int] = dataclasses.field(default_factory=lambda: [64, 32, 16])
+    bias: bool = True               # first-order terms b_u + b_i + Σ b_f
+    heads: list[str] = dataclasses.field(default_factory=lambda: ["click"])  # click|purchase|rating
+    init_std: float = 0.01
+    reg: float = 0.0                # λ Σ‖row‖² of the embedding rows each example touches
+    bias_reg: float = 0.0
+    row_multiple: int = 128
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """What is learnt and how it is evaluated.
+
+    ``rating``: explicit ratings, MSE, RMSE/MAE (the dataset's own random split).
+    ``implicit``: every (train) interaction a positive, ``num_negatives`` sampled items per
+    positive, BCE or BPR; HR/NDCG/Recall/MRR/coverage@K, sampled and full ranking.
+    ``ctr``: labelled impressions (``label``), BCE; AUC, logloss, calibration.
+    ``implicit`` and ``ctr`` read a prepared dataset (``jaxreco.data.prepare`` with the
+    ``prepare`` options below, cached by config).
+    """
+    kind: str = "rating"
+    prepare: dict[str, Any] = dataclasses.field(default_factory=dict)  # conf/prepare/default.yaml keys
+    num_negatives: int = 4
+    sampler: str = "uniform"        # uniform | popularity (∝ train count^pop_alpha)
+    pop_alpha: float = 1.0
+    loss: str = "bce"               # bce | bpr
+    exclude_positives: bool = True  # resample sampled negatives that are train positives
+    side_features: list[str] = dataclasses.field(default_factory=list)     # item_features columns
+    context_features: list[str] = dataclasses.field(default_factory=list)  # interaction columns
+    ks: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20])
+    full_ranking: bool = True
+    select: str = ""                # val metric for early stopping/best checkpoint (default:
+                                    # rmse | ndcg@10 | auc); sampled protocol for implicit
+    eval_chunk_elements: int = 33554432
+
+
+@dataclasses.dataclass
 class OptimizerConfig:
     name: str = "lazy_adam"         # row-sparse optimizer of the tables: sgd|adagrad|lazy_adam
     lr: float = 0.002
@@ -88,6 +130,7 @@ class TrainConfig:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
 
 
 def register() -> None:
@@ -96,6 +139,7 @@ def register() -> None:
     # Group YAMLs extend these with `defaults: [/schema/<group>/<name>@_here_]`.
     cs.store(group="schema/dataset", name="movielens", node=MovieLensConfig)
     cs.store(group="schema/model", name="mf", node=MFConfig)
+    cs.store(group="schema/model", name="embed_mlp", node=EmbedMLPConfig)
     cs.store(group="schema/optimizer", name="default", node=OptimizerConfig)
     cs.store(group="schema/trainer", name="default", node=TrainerConfig)
     cs.store(group="schema/mesh", name="default", node=MeshConfig)

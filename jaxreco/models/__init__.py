@@ -6,7 +6,10 @@ from typing import Any, Callable, Mapping
 
 from flax import nnx
 
+from jaxreco.models.embed_mlp import EmbedMLP
 from jaxreco.models.mf import MF
+
+MODELS = ("mf", "embed_mlp")
 
 
 def pad_rows(n: int, multiple: int) -> int:
@@ -15,7 +18,15 @@ def pad_rows(n: int, multiple: int) -> int:
 
 
 def build(cfg: Mapping[str, Any], *, num_users: int, num_items: int, global_bias: float,
-          seed: int) -> Callable[[], nnx.Module]:
+          seed: int, side_vocab: Mapping[str, int] | None = None,
+          context_vocab: Mapping[str, int] | None = None,
+          negatives: bool = False) -> Callable[[], nnx.Module]:
+    """A constructor of the model ``cfg`` names.
+
+    ``side_vocab`` / ``context_vocab``: ``{feature: vocabulary size}`` of the item-side and
+    context features the data provides (``embed_mlp`` only); ``negatives``: the batches
+    carry sampled ``neg_*`` item features.
+    """
     name = cfg["name"]
     mult = int(cfg.get("row_multiple", 1) or 1)
     num_users, num_items = pad_rows(num_users, mult), pad_rows(num_items, mult)
@@ -23,4 +34,13 @@ def build(cfg: Mapping[str, Any], *, num_users: int, num_items: int, global_bias
         return lambda: MF(num_users, num_items, dim=int(cfg["dim"]),
                           init_std=float(cfg["init_std"]), global_bias=global_bias,
                           rngs=nnx.Rngs(seed))
-    raise ValueError(f"model.name={name!r} is unknown; known models: ['mf']")
+    if name == "embed_mlp":
+        side = {f: int(v) for f, v in (side_vocab or {}).items()}
+        ctx = {f: int(v) for f, v in (context_vocab or {}).items()}
+        return lambda: EmbedMLP(
+            num_users, num_items, combiner=str(cfg["combiner"]), dim=int(cfg["dim"]),
+            mf_dim=int(cfg["mf_dim"]), mlp_dims=tuple(int(d) for d in cfg["mlp_dims"]),
+            side_features=side, context_features=ctx, bias=bool(cfg["bias"]),
+            heads=tuple(cfg["heads"]), init_std=float(cfg["init_std"]), negatives=negatives,
+            global_bias=global_bias, rngs=nnx.Rngs(seed))
+    raise ValueError(f"model.name={name!r} is unknown; known models: {list(MODELS)}")

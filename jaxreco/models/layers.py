@@ -45,6 +45,14 @@ def gather_rows(tables: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
             for t, feats in table_features.items()}
 
 
+def present_features(table_features: Mapping[str, tuple[str, ...]],
+                     batch: Mapping[str, jax.Array]) -> dict[str, tuple[str, ...]]:
+    """``table_features`` restricted to the features ``batch`` has (e.g. no ``neg_*`` ones
+    at inference), dropping tables none of whose features are present."""
+    out = {t: tuple(f for f in feats if f in batch) for t, feats in table_features.items()}
+    return {t: f for t, f in out.items() if f}
+
+
 class LookupModel(nnx.Module):
     """Mixin: ``model(batch)`` = ``model.score(gathered rows, batch)``."""
 
@@ -52,7 +60,8 @@ class LookupModel(nnx.Module):
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         tables = {t: getattr(self, t)[...] for t in self.table_features}
-        return self.score(gather_rows(tables, batch, self.table_features), batch)
+        return self.score(gather_rows(tables, batch, present_features(self.table_features, batch)),
+                          batch)
 
     def score(self, rows, batch):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from jaxreco import losses, metrics as metrics_lib, models, optim, tracking
+from jaxreco import evaluate as evaluate_lib, losses, metrics as metrics_lib, models, optim, tracking
 from jaxreco.checkpoint import Checkpointer, abstract_like
 from jaxreco.data import pipeline, registry, split as split_lib
 from jaxreco.data.dataset import Interactions
@@ -115,6 +116,20 @@ class PreemptionWatcher:
             self.previous = None
 
 
+class Results(dict):
+    """The final metrics (what ``metrics.json`` holds), plus :attr:`objective`: the
+    validation metric a sweeper minimises (``val/rmse``; ``−val/ndcg@10`` or ``−val/auc``
+    for the implicit/ctr tasks; NaN without a validation split). ``jaxreco-train`` reads
+    ``results["val/rmse"]``; for tasks without that key the lookup returns the objective."""
+
+    objective: float = float("nan")
+
+    def __missing__(self, key):
+        if key == "val/rmse":
+            return self.objective
+        raise KeyError(key)
+
+
 class _Writer:
     """TensorBoard scalars from process 0 only (tensorboardX: no TensorFlow needed)."""
 
@@ -127,11 +142,358 @@ class _Writer:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.w is not None:
             for k, v in values.items():
-                self.w.add_scalar(k, v, step)
+                self.w.add_scalar(k.replace("@", "_"), v, step)   # TensorBoard tags: no '@'
+
 
     def close(self) -> None:
         if self.w is not None:
             self.w.close()
+
+# ----------------------------------------------------------------------------- tasks
+class RatingTask:
+    """Explicit ratings: the dataset's random split, MSE + Frobenius, RMSE/MAE."""
+
+    select, mode, has_val = "rmse", "min", True
+    headline = ("test/rmse", "test/mae")
+
+    def __init__(self, cfg: DictConfig, workdir: Path, is_main: bool):
+        self.cfg = cfg
+        data = registry.load(OmegaConf.to_container(cfg.dataset, resolve=True))
+        sc = cfg.dataset.split
+        if sc.kind != "random":
+            raise ValueError(f"dataset.split.kind={sc.kind!r}: this loader supports 'random'")
+        splits = split_lib.random_split(data, test_fraction=sc.test_fraction,
+                                        val_fraction=sc.val_fraction, seed=sc.seed)
+        sha = split_lib.split_sha256(splits)
+        train = splits["train"]
+        if is_main:
+            OmegaConf.save(cfg, workdir / "config.yaml", resolve=True)
+            write_json(workdir / "splits.json", {
+                "dataset": data.name, "users": data.num_users, "items": data.num_items,
+                **{f"{k}/size": len(v) for k, v in splits.items()},
+                **{f"{k}/sha256": h for k, h in sha.items()}})
+            tracking.write_run_info(cfg, workdir, sha)
+        log.info("data %s: %d users, %d items; train %d / val %d / test %d", data.name,
+                 data.num_users, data.num_items, len(train), len(splits["val"]),
+                 len(splits["test"]))
+        self.data, self.splits, self.train_cols = data, splits, _columns(train)
+
+    def model_fn(self):
+        return models.build(self.cfg.model, num_users=self.data.num_users,
+                            num_items=self.data.num_items,
+                            global_bias=float(self.splits["train"].rating.mean()),
+                            seed=self.cfg.seed)
+
+    def loss_fn(self, abstract_model):
+        cfg = self.cfg
+        embedding_tables = tuple(abstract_model.embedding_tables)
+        bias_tables = tuple(t for t in abstract_model.table_features
+                            if t not in embedding_tables)
+
+        def loss_fn(model, rows, batch):
+            pred = model.score(rows, batch)
+            loss = losses.mse_frobenius(pred, batch["rating"], rows,
+                                        embedding_tables=embedding_tables,
+                                        bias_tables=bias_tables,
+                                        reg=cfg.model.reg, bias_reg=cfg.model.bias_reg)
+            return loss, {}
+        return loss_fn
+
+    def setup(self, graphdef, tables, abstract_model, in_sharding, mesh):
+        lo, hi = self.cfg.dataset.get("rating_range", None) or (None, None)
+        self.eval_step = jax.jit(make_eval_step(graphdef, tables,
+                                                (lo, hi) if lo is not None else None))
+        self.in_sharding = in_sharding
+
+    def transform(self, batch, step, shard_index):
+        return batch
+
+    def evaluate(self, state, split: str) -> dict[str, float]:
+        sums = None
+        for batch, n in pipeline.eval_batches(_columns(self.splits[split]),
+                                              self.cfg.trainer.eval_batch_size):
+            batch = _to_global(_process_rows(batch, self.in_sharding), self.in_sharding)
+            sums = metrics_lib.merge(sums, jax.device_get(self.eval_step(state, batch, n)))
+        return metrics_lib.regression_metrics(sums)
+
+    def final(self, state) -> dict[str, float]:
+        results = {"val/" + k: v for k, v in self.evaluate(state, "val").items() if k != "count"}
+        results.update({"test/" + k: v for k, v in self.evaluate(state, "test").items()
+                        if k != "count"})
+        return results
+
+
+def prepared_dir(cfg: DictConfig) -> str:
+    """``task.prepare.output_dir``, or a cache directory named by the dataset and a hash of
+    the dataset + prepare options (so differently prepared copies never overwrite)."""
+    prep = OmegaConf.to_container(cfg.task.prepare, resolve=True) or {}
+    if prep.get("output_dir"):
+        return str(prep["output_dir"])
+    import hashlib
+    ds = OmegaConf.to_container(cfg.dataset, resolve=True)
+    key = hashlib.sha256(json.dumps([ds, prep], sort_keys=True, default=str).encode()).hexdigest()
+    root = os.environ.get("JAXRECO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                           "jaxreco")
+    return os.path.join(root, "prepared-datasets", f"{ds['name']}-{key[:12]}")
+
+
+class PreparedTask:
+    """``implicit`` and ``ctr`` tasks on a prepared dataset (``jaxreco.data.prepare``).
+
+    Item-side features (``task.side_features``, from ``item_features.parquet``; unknown
+    ``-1`` becomes index 0) and context features (``task.context_features``, interaction
+    columns) are added to every batch. ``implicit``: each positive (``label > 0`` when the
+    data has labels) gets ``k`` negatives drawn in numpy from ``default_rng([seed, step,
+    shard])`` — a function of the step, so a resumed run draws the same ones — uniformly or
+    by popularity, redrawn (up to 20 times) while they are train positives of that user.
+    """
+
+    def __init__(self, cfg: DictConfig, workdir: Path, is_main: bool):
+        from jaxreco.data.prepare import load_split, load_table, prepare
+        self.cfg, self.tc = cfg, cfg.task
+        self.kind = cfg.task.kind
+        self.select = cfg.task.select or ("ndcg@10" if self.kind == "implicit" else "auc")
+        self.mode = "min" if self.select in ("logloss", "rmse", "mae", "ece") else "max"
+        self.ks = tuple(int(k) for k in cfg.task.ks)
+        out = prepared_dir(cfg)
+        prep = OmegaConf.to_container(cfg.task.prepare, resolve=True) or {}
+        prep = {"progress": False, **prep, "output_dir": out}
+        meta = prepare({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+                        "prepare": prep})
+        self.meta, self.path = meta, out
+        self.num_users, self.num_items = int(meta["num_users"]), int(meta["num_items"])
+        schema = meta["schema"]["interactions"]
+        self.has_label = "label" in schema
+        if self.kind == "ctr" and not self.has_label:
+            raise ValueError(f"task.kind=ctr needs a 'label' column; {meta['dataset']} "
+                             f"({out}) has {sorted(schema)}")
+        for f in cfg.task.context_features:
+            if f not in schema:
+                raise ValueError(f"task.context_features: {f!r} is not a column of "
+                                 f"{meta['dataset']} ({out}/metadata.json has {sorted(schema)})")
+        item_f = load_table(out, "item_features")
+        self.item_side, self.side_vocab = {}, {}
+        for f in cfg.task.side_features:
+            if f not in item_f:
+                raise ValueError(f"task.side_features: {f!r} is not in {out}/item_features.parquet"
+                                 f" (columns {sorted(item_f)})")
+            v = np.asarray(item_f[f]).astype(np.int64) + 1        # -1 (unknown) -> 0
+            if (v < 0).any():
+                raise ValueError(f"{out}/item_features.parquet: {f} has values below -1")
+            self.item_side[f] = v.astype(np.int32)
+            self.side_vocab[f] = int(v.max()) + 1
+        cols = [c for c in ("user", "item", "label", "rating", "event") if c in schema]
+        cols += [c for c in cfg.task.context_features if c not in cols]
+        self.split = {s: load_split(out, s, cols) for s in ("train", "val", "test")}
+        self.context_vocab = {}
+        for f in cfg.task.context_features:
+            allv = np.concatenate([np.asarray(self.split[s][f]) for s in self.split])
+            if len(allv) and allv.min() < 0:
+                raise ValueError(f"{out}: context feature {f} has a negative value {allv.min()}")
+            self.context_vocab[f] = int(allv.max()) + 1 if len(allv) else 1
+            for s in self.split:
+                self.split[s][f] = np.asarray(self.split[s][f], np.int32)
+        tr = self.split["train"]
+        if self.kind == "implicit":
+            pos = tr["label"] > 0 if self.has_label else slice(None)
+            self.train_cols = {"user": np.ascontiguousarray(tr["user"][pos], np.int32),
+                               "item": np.ascontiguousarray(tr["item"][pos], np.int32)}
+        else:
+            self.train_cols = {c: np.ascontiguousarray(v) for c, v in tr.items()}
+        self.has_val = len(self.split["val"]["user"]) > 0
+        self.candidates = {}
+        for s in ("val", "test"):
+            if s in meta.get("candidates", {}):
+                self.candidates[s] = load_split(out, f"{s}_candidates")
+        self.headline = (("test/hr@10", "test/ndcg@10", "test/full/hr@10", "test/full/ndcg@10")
+                         if self.kind == "implicit" else ("test/auc", "test/logloss"))
+        # negative sampling tables
+        ui = self.train_cols
+        self.pos_keys = np.unique(ui["user"].astype(np.int64) * self.num_items + ui["item"])
+        counts = np.bincount(ui["item"], minlength=self.num_items).astype(np.float64)
+        if cfg.task.sampler == "popularity":
+            w = counts ** float(cfg.task.pop_alpha)
+            self.neg_cdf = np.cumsum(w) / w.sum()
+        elif cfg.task.sampler == "uniform":
+            self.neg_cdf = None
+        else:
+            raise ValueError(f"task.sampler={cfg.task.sampler!r}: must be uniform or popularity")
+        if self.kind == "implicit" and cfg.task.num_negatives < 1:
+            raise ValueError(f"task.num_negatives={cfg.task.num_negatives}: implicit training "
+                             "needs at least 1 negative per positive")
+        if is_main:
+            OmegaConf.save(cfg, workdir / "config.yaml", resolve=True)
+            sha = {s: meta["splits"][s]["sha256"] for s in ("train", "val", "test")}
+            write_json(workdir / "splits.json", {
+                "dataset": meta["dataset"], "prepared": out, "users": self.num_users,
+                "items": self.num_items,
+                **{f"{s}/size": meta["splits"][s]["rows"] for s in sha},
+                **{f"{s}/sha256": h for s, h in sha.items()},
+                **{f"{s}_candidates/sha256": c["sha256"]
+                   for s, c in meta.get("candidates", {}).items()}})
+            tracking.write_run_info(cfg, workdir, sha)
+        log.info("data %s (%s): %d users, %d items; train %d / val %d / test %d", meta["dataset"],
+                 out, self.num_users, self.num_items, len(self.train_cols["user"]),
+                 len(self.split["val"]["user"]), len(self.split["test"]["user"]))
+
+    # ------------------------------------------------------------------ model and loss
+    def model_fn(self):
+        if self.cfg.model.name != "embed_mlp":
+            raise ValueError(f"task.kind={self.kind} needs model=embed_mlp (its combiner: dot = "
+                             f"MF); got model.name={self.cfg.model.name!r}")
+        heads = list(self.cfg.model.heads)
+        if self.kind == "implicit" and heads[0] != "click":
+            raise ValueError(f"task.kind=implicit scores with the first head; model.heads="
+                             f"{heads} must start with 'click'")
+        return models.build(self.cfg.model, num_users=self.num_users, num_items=self.num_items,
+                            global_bias=0.0, seed=self.cfg.seed, side_vocab=self.side_vocab,
+                            context_vocab=self.context_vocab,
+                            negatives=self.kind == "implicit")
+
+    def loss_fn(self, abstract_model):
+        mc, tc = self.cfg.model, self.tc
+        emb = tuple(abstract_model.embedding_tables)
+        bias_t = tuple(t for t in abstract_model.table_features if t not in emb)
+        k = int(tc.num_negatives)
+
+        def reg_term(rows):
+            r = 0.0
+            if mc.reg:
+                r = r + mc.reg * _row_norms(rows, emb, k)
+            if mc.bias_reg and bias_t:
+                r = r + mc.bias_reg * _row_norms(rows, bias_t, k)
+            return r
+
+        if self.kind == "implicit":
+            def loss_fn(model, rows, batch):
+                u = model.user_repr(rows, batch)
+                pos = model.interact(u, model.item_repr(rows), "point")["click"]
+                neg_i = jax.tree.map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]),
+                                     model.item_repr(rows, "neg_"))
+                neg = model.interact(u, neg_i, "rows")["click"]
+                per = losses.sampled_implicit(pos, neg, tc.loss) + reg_term(rows)
+                return jnp.mean(per), {}
+            return loss_fn
+
+        heads = list(mc.heads)
+
+        def loss_fn(model, rows, batch):
+            out = model.score_heads(rows, batch)
+            per = reg_term(rows)
+            for h in heads:
+                if h == "rating":
+                    per = per + jnp.square(out[h] - batch["rating"])
+                else:
+                    per = per + losses.bce_with_logits(out[h], batch[f"_y_{h}"])
+            return jnp.mean(per), {}
+        return loss_fn
+
+    # ------------------------------------------------------------------ batches
+    def _sample(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        k, ni = int(self.tc.num_negatives), self.num_items
+        n = len(users) * k
+
+        def draw(m):
+            if self.neg_cdf is None:
+                return rng.integers(0, ni, m)
+            return np.minimum(np.searchsorted(self.neg_cdf, rng.random(m), side="right"), ni - 1)
+        neg = draw(n)
+        if self.tc.exclude_positives:
+            uu = np.repeat(users.astype(np.int64), k)
+            for _ in range(20):
+                keys = uu * ni + neg
+                at = np.minimum(np.searchsorted(self.pos_keys, keys), len(self.pos_keys) - 1)
+                bad = np.flatnonzero(self.pos_keys[at] == keys)
+                if not len(bad):
+                    break
+                neg[bad] = draw(len(bad))
+        return neg.astype(np.int32)
+
+    def _add_side(self, batch, prefix=""):
+        for f, v in self.item_side.items():
+            batch[prefix + f] = v[batch[prefix + "item"]]
+
+    def transform(self, batch, step, shard_index):
+        batch = dict(batch)
+        self._add_side(batch)
+        if self.kind == "implicit":
+            rng = np.random.default_rng([int(self.cfg.seed), int(step), int(shard_index)])
+            batch["neg_item"] = self._sample(batch["user"], rng)
+            self._add_side(batch, "neg_")
+        else:
+            for h in self.cfg.model.heads:
+                if h != "rating":
+                    batch[f"_y_{h}"] = evaluate_lib.head_labels(batch, h)
+                    batch.pop("event", None) if h == "purchase" else None
+            batch.pop("label", None)
+        return batch
+
+    # ------------------------------------------------------------------ evaluation
+    def setup(self, graphdef, tables, abstract_model, in_sharding, mesh):
+        self.graphdef, self.abstract = graphdef, abstract_model
+        self.rankers = {}
+        if self.kind != "implicit":
+            return
+        tr = self.split["train"]
+        pos = tr["label"] > 0 if self.has_label else slice(None)
+        seen = [np.asarray(tr["user"][pos]), np.asarray(tr["item"][pos])]
+        for s in ("val", "test"):
+            d = self.split[s]
+            if not len(d["user"]):
+                continue
+            p = d["label"] > 0 if self.has_label else slice(None)
+            self.rankers[s] = evaluate_lib.RankingEvaluator(
+                graphdef, abstract_model, num_users=self.num_users, num_items=self.num_items,
+                seen=tuple(seen), held_out=(d["user"][p], d["item"][p]),
+                candidates=self.candidates.get(s), item_side=self.item_side, ks=self.ks,
+                chunk_elements=int(self.tc.eval_chunk_elements))
+            # testing excludes the val interactions too: they are known before the test item
+            seen = [np.concatenate([seen[0], d["user"][p]]), np.concatenate([seen[1], d["item"][p]])]
+
+    def evaluate(self, state, split: str, full: bool = False) -> dict[str, float]:
+        if self.kind == "implicit":
+            r = self.rankers[split]
+            out = {}
+            if split in self.candidates:
+                out.update(r.sampled(state))
+            if full or split not in self.candidates:
+                t = time.time()
+                out.update({f"full/{k}": v for k, v in r.full(state).items()})
+                out["full/seconds"] = time.time() - t
+            return out
+        d = dict(self.split[split])
+        self._add_side(d)
+        feats = ["user", "item"] + list(self.item_side) + list(self.tc.context_features)
+        return evaluate_lib.pointwise_eval(self.graphdef, state, d, features=feats,
+                                           batch_size=self.cfg.trainer.eval_batch_size)
+
+    def final(self, state) -> dict[str, float]:
+        results = {}
+        full = bool(self.tc.full_ranking)
+        for s in ("val", "test"):
+            if s == "val" and not self.has_val:
+                continue
+            for k, v in self.evaluate(state, s, full=full).items():
+                if k.endswith("seconds"):
+                    results[f"perf/{s}_{k.replace('/', '_')}"] = v
+                elif k != "count" and k != "full/count":
+                    results[f"{s}/{k}"] = v
+        return results
+
+
+def _row_norms(rows, tables, k: int) -> jax.Array:
+    """Per-positive ``Σ‖row‖²`` over ``tables``; ``neg_*`` rows ([B·k]) summed per positive."""
+    total = 0.0
+    for t in tables:
+        for f, r in rows[t].items():
+            sq = jnp.sum(r * r, axis=-1)
+            if f.startswith("neg_"):
+                sq = jnp.sum(sq.reshape(-1, k), axis=-1)
+            total = total + sq
+    return total
+
+
+TASKS = {"rating": RatingTask, "implicit": PreparedTask, "ctr": PreparedTask}
 
 
 def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str, float]:
@@ -144,63 +506,45 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     tc = cfg.trainer
 
     # ------------------------------------------------------------------ data
-    data = registry.load(OmegaConf.to_container(cfg.dataset, resolve=True))
-    sc = cfg.dataset.split
-    if sc.kind != "random":
-        raise ValueError(f"dataset.split.kind={sc.kind!r}: this loader supports 'random'")
-    splits = split_lib.random_split(data, test_fraction=sc.test_fraction,
-                                    val_fraction=sc.val_fraction, seed=sc.seed)
-    sha = split_lib.split_sha256(splits)
-    train = splits["train"]
-    if is_main:
-        OmegaConf.save(cfg, workdir / "config.yaml", resolve=True)
-        write_json(workdir / "splits.json", {
-            "dataset": data.name, "users": data.num_users, "items": data.num_items,
-            **{f"{k}/size": len(v) for k, v in splits.items()},
-            **{f"{k}/sha256": h for k, h in sha.items()}})
-        tracking.write_run_info(cfg, workdir, sha)
-    log.info("data %s: %d users, %d items; train %d / val %d / test %d", data.name,
-             data.num_users, data.num_items, len(train), len(splits["val"]), len(splits["test"]))
+    kind = cfg.task.kind
+    if kind not in TASKS:
+        raise ValueError(f"task.kind={kind!r}: must be one of {list(TASKS)}")
+    task = TASKS[kind](cfg, workdir, is_main)
+    train_cols = task.train_cols
 
     # ------------------------------------------------------------------ mesh, model, state
     mesh = make_mesh(cfg.mesh.axes)
     rules = dict(cfg.mesh.rules)
-    model_fn = models.build(cfg.model, num_users=data.num_users, num_items=data.num_items,
-                            global_bias=float(train.rating.mean()), seed=cfg.seed)
+    model_fn = task.model_fn()
     row_opt = optim.row_optimizer(cfg.optimizer.name, lr=cfg.optimizer.lr)
     dense_tx = optim.dense_optimizer(cfg.optimizer.dense_name, cfg.optimizer.dense_lr)
     graphdef, state, shardings = create_state(model_fn, row_opt, dense_tx, mesh, rules)
     abstract_model = nnx.eval_shape(model_fn)
     table_features = dict(abstract_model.table_features)
-    embedding_tables = tuple(abstract_model.embedding_tables)
-    bias_tables = tuple(t for t in table_features if t not in embedding_tables)
     tables = ShardedTables(mesh, rules, table_axes(state.tables), table_features, row_opt)
-
-    def loss_fn(model, rows, batch):
-        pred = model.score(rows, batch)
-        loss = losses.mse_frobenius(pred, batch["rating"], rows,
-                                    embedding_tables=embedding_tables, bias_tables=bias_tables,
-                                    reg=cfg.model.reg, bias_reg=cfg.model.bias_reg)
-        return loss, {}
+    loss_fn = task.loss_fn(abstract_model)
 
     # ------------------------------------------------------------------ input pipeline
-    steps_per_epoch = pipeline.batches_per_epoch(len(train), tc.batch_size)
+    n_train = len(next(iter(train_cols.values())))
+    steps_per_epoch = pipeline.batches_per_epoch(n_train, tc.batch_size)
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
     in_sharding = batch_sharding(mesh, rules)
     shard_index, shard_count = process_batch_shard(in_sharding, tc.batch_size)
-    ds = pipeline.train_dataset(_columns(train), batch_size=tc.batch_size, num_epochs=tc.epochs,
+    ds = pipeline.train_dataset(train_cols, batch_size=tc.batch_size, num_epochs=tc.epochs,
                                 seed=cfg.seed, shard_index=shard_index, shard_count=shard_count)
     data_iter = iter(ds)
 
     # ------------------------------------------------------------------ resume
     # Order: fresh state and iterator above; then the newest readable checkpoint step
     # replaces state, iterator position and loop bookkeeping together.
+    select, mode = task.select, task.mode
     ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints,
-                        best_metric="val/rmse", best_mode="min",
+                        best_metric=f"val/{select}" if task.has_val else None, best_mode=mode,
                         async_save=tc.async_checkpoint) if tc.checkpoint else None
-    loop = {"step": 0, "best_val": math.inf, "best_step": -1, "bad_epochs": 0,
+    loop = {"step": 0, "best_val": math.inf if mode == "min" else -math.inf, "best_step": -1,
+            "bad_epochs": 0,
             "loss_sum": 0.0, "loss_count": 0, "last_loss": float("nan"), "history": []}
     abstract_state = abstract_like(state, shardings)
     if ckpt is not None:
@@ -213,17 +557,9 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     train_step = jax.jit(make_train_step(graphdef, tables, loss_fn, dense_tx),
                          in_shardings=(shardings, in_sharding),
                          out_shardings=(shardings, None), donate_argnums=0)
-    lo, hi = cfg.dataset.get("rating_range", None) or (None, None)
-    eval_step = jax.jit(make_eval_step(graphdef, tables, (lo, hi) if lo is not None else None))
+    task.setup(graphdef, tables, abstract_model, in_sharding, mesh)
     # Fake CPU devices share cores; bounding in-flight steps keeps collectives from timing out.
     sync_each_step = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
-
-    def evaluate(part: Interactions) -> dict[str, float]:
-        sums = None
-        for batch, n in pipeline.eval_batches(_columns(part), tc.eval_batch_size):
-            batch = _to_global(_process_rows(batch, in_sharding), in_sharding)
-            sums = metrics_lib.merge(sums, jax.device_get(eval_step(state, batch, n)))
-        return metrics_lib.regression_metrics(sums)
 
     # ------------------------------------------------------------------ train
     writer = _Writer(workdir / "tb" if (is_main and cfg.logger.tensorboard) else None)
@@ -243,7 +579,7 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
             pending.clear()
 
     while step < total_steps and not stopped_early:
-        batch = _to_global(next(data_iter), in_sharding)
+        batch = _to_global(task.transform(next(data_iter), step, shard_index), in_sharding)
         state, m = train_step(state, batch)
         if sync_each_step:
             jax.block_until_ready(state)
@@ -267,21 +603,29 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
         loop["step"] = step
         if end_of_epoch:
             # ---------------------------------------------------------- validate
-            val = evaluate(splits["val"])
-            writer.scalars(step, {f"eval/val/{k}": v for k, v in val.items() if k != "count"})
-            improved = val["rmse"] < loop["best_val"]
-            if improved:
-                loop.update(best_val=val["rmse"], best_step=step, bad_epochs=0)
-            else:
-                loop["bad_epochs"] += 1
-            loop["history"].append({"step": step, "val/rmse": val["rmse"],
-                                    "train/loss": loop["last_loss"]})
-            log.info("epoch %g step %d: train/loss %.4f  val/rmse %.4f%s",
-                     step / steps_per_epoch, step, loop["last_loss"], val["rmse"],
-                     "  (best)" if improved else "")
+            val = task.evaluate(state, "val") if task.has_val else None
+            if val is not None:
+                writer.scalars(step, {f"eval/val/{k}": v for k, v in val.items() if k != "count"})
+                v = val[select]
+                improved = v < loop["best_val"] if mode == "min" else v > loop["best_val"]
+                if improved:
+                    loop.update(best_val=v, best_step=step, bad_epochs=0)
+                else:
+                    loop["bad_epochs"] += 1
+                loop["history"].append({"step": step, f"val/{select}": v,
+                                        "train/loss": loop["last_loss"]})
+                log.info("epoch %g step %d: train/loss %.4f  val/%s %.4f%s",
+                         step / steps_per_epoch, step, loop["last_loss"], select, v,
+                         "  (best)" if improved else "")
+            else:                 # no validation split: the last step is the model tested
+                loop.update(best_step=step)
+                loop["history"].append({"step": step, "train/loss": loop["last_loss"]})
+                log.info("epoch %g step %d: train/loss %.4f", step / steps_per_epoch, step,
+                         loop["last_loss"])
             stopped_early = loop["bad_epochs"] >= tc.patience
             if ckpt is not None:
-                ckpt.save(step, state, data_iter, loop, metrics={"val/rmse": val["rmse"]})
+                ckpt.save(step, state, data_iter, loop,
+                          metrics={f"val/{select}": val[select]} if val is not None else None)
             if stopped_early:
                 log.info("early stop: no val improvement for %d epochs", tc.patience)
             t_mark = time.time()
@@ -309,8 +653,9 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
         if loop["best_step"] >= 0 and loop["best_step"] != step:
             state, _ = ckpt.restore(loop["best_step"], abstract_state)
         ckpt.close()
-    results = {"val/" + k: v for k, v in evaluate(splits["val"]).items() if k != "count"}
-    results.update({"test/" + k: v for k, v in evaluate(splits["test"]).items() if k != "count"})
+    results = Results(task.final(state))
+    sel = results.get(f"val/{select}", float("nan"))
+    results.objective = sel if mode == "min" else -sel
     results.update({
         "train/loss": loop["last_loss"], "train/steps": step, "train/best_step": loop["best_step"],
         "train/epochs": step / steps_per_epoch, "train/stopped_early": stopped_early,
@@ -325,6 +670,7 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
         if cfg.logger.tensorboard:
             tracking.write_hparams(workdir / "tb", cfg, results)
         write_json(workdir / "metrics.json", results)
-    log.info("test/rmse %.4f  test/mae %.4f  (best step %d)  -> %s", results["test/rmse"],
-             results["test/mae"], loop["best_step"], workdir / "metrics.json")
+    log.info("%s  (best step %d)  -> %s", "  ".join(
+        f"{k} {results[k]:.4f}" for k in task.headline if k in results), loop["best_step"],
+        workdir / "metrics.json")
     return results
