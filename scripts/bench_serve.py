@@ -257,7 +257,8 @@ def main(argv=None) -> int:
         try:
             ready = _wait_ready(port, server)
             print(f"server: pid {server.pid}, {HOST}:{port}, model version {ready['model_version']}; "
-                  f"load generator: separate process; {os.cpu_count()} CPU cores shared", flush=True)
+                  f"load generator: separate process; {os.cpu_count()} CPU cores shared; "
+                  f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
             out = subprocess.run(
                 [sys.executable, __file__, "--loadgen", "--port", str(port), "--k", str(args.k),
                  "--rate", str(args.rate), "--seconds", str(args.seconds),
@@ -278,6 +279,10 @@ def main(argv=None) -> int:
                       "during the overload steps")
             if "Traceback" in log_text:
                 print("# server log has errors:\n" + log_text[-3000:])
+    load = os.getloadavg()[0]
+    if load > 1.5:  # the server and the load generator already fill both cores
+        print(f"# WARNING: 1-minute load average {load:.1f} at the end: other processes shared "
+              "the CPU, so these figures understate the server")
     lines = out.stdout.strip().splitlines()
     for line in lines[:-1]:
         print(line)
