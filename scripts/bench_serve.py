@@ -37,10 +37,9 @@ HOST = "127.0.0.1"  # loopback only, ever
 
 # ---------------------------------------------------------------------------- model
 def export_random_ml1m(model_dir: Path, num_users=6040, num_items=3706, dim=64, seed=0) -> None:
-    import jax.numpy as jnp
     import numpy as np
 
-    from jaxreco.export import export_saved_model
+    from jaxreco.export import biased_mf_functions, export_saved_model
 
     rng = np.random.default_rng(seed)
     params = {
@@ -56,14 +55,7 @@ def export_random_ml1m(model_dir: Path, num_users=6040, num_items=3706, dim=64, 
     indices = np.concatenate([np.sort(rng.choice(num_items, n, replace=False)) for n in lens])
     indptr = np.concatenate([[0], np.cumsum(lens)])
 
-    def score(p, u, i):
-        return (p["global_bias"] + p["user_bias"][u, 0] + p["item_bias"][i, 0]
-                + jnp.sum(p["user_embed"][u] * p["item_embed"][i], axis=-1))
-
-    def all_scores(p, u):
-        return (p["global_bias"] + p["user_bias"][u] + p["item_bias"][:, 0][None, :]
-                + p["user_embed"][u] @ p["item_embed"].T)
-
+    score, all_scores, _ = biased_mf_functions()
     export_saved_model(
         model_dir, 1, params=params, score_fn=score, user_item_scores_fn=all_scores,
         item_vectors_fn=lambda p: p["item_embed"],

@@ -19,12 +19,7 @@ def random_split(x: Interactions, *, test_fraction: float, val_fraction: float,
     Row order within each split is the original order, so the split depends only on
     ``(len(x), fractions, seed)``.
     """
-    for name, v in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
-        if not 0.0 <= v < 1.0:
-            raise DataError(f"split.{name}={v!r}: must be in [0, 1)")
-    if test_fraction + val_fraction >= 1.0:
-        raise DataError(f"split.test_fraction + split.val_fraction = "
-                        f"{test_fraction + val_fraction}: must be < 1")
+    _check_fractions(test_fraction, val_fraction)
     n = len(x)
     perm = np.random.default_rng(seed).permutation(n)
     n_test = int(round(n * test_fraction))
