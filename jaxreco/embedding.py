@@ -3,18 +3,40 @@
 Tables are laid out by the mesh rules: rows over the ``user``/``item`` rule's mesh axes
 (``row_axes``; replicated over the rest), batches over the ``batch`` rule's axes. XLA's
 automatic partitioning of a gather from a row-sharded table may all-gather the table; here
-no device ever holds more than its own rows:
+no device ever holds more than its own rows. Two algorithms, chosen per table group:
+
+**Routed** (rows sharded over every device, e.g. ``mp`` or ``dp_mp``: each row has exactly
+one owner). The batch is split into ``N`` equal *slices*, one per device (a device's batch
+shard, further split over the mesh axes the batch is replicated on), so no work is repeated:
+
+* each device sorts its slice's ids (the sort groups them by owner, since owners hold
+  contiguous row ranges), drops repeats, and packs at most ``capacity`` distinct ids per
+  owner into an ``[N, capacity]`` buffer; one ``all_to_all`` delivers them;
+* **lookup**: the owner gathers those rows and a second ``all_to_all`` returns them;
+* **update**: the row gradients of the slice are summed per distinct id into the same
+  buffer layout and sent to the owners, which deduplicate across senders (one sort of
+  ``N · capacity`` ids, ``segment_sum``) and apply the row optimizer.
+
+Per device that is ``O(batch/N)`` work instead of ``O(batch/data)`` (lookup) and
+``O(batch)`` (update). ``capacity = ceil(capacity_factor · slice / N)``. Skewed ids that
+would overflow it are sent in further *rounds* (a ``while_loop`` every device runs the same
+number of times): each round covers, per owner, a range of rows agreed by a ``pmin`` such
+that no device exceeds the capacity, so every id travels in exactly one round with all its
+gradients and the update stays exact; nothing is ever dropped. Evenly spread ids take one
+round; ``rounds(tables, batch)`` reports how many a batch takes.
+
+**Masked** (everything else: single device, replicated tables, rows over a subset of axes):
 
 * **lookup**: each device gathers, for its shard of the batch, the ids that fall in its
-  row range (others contribute zeros) and a ``psum`` over ``row_axes`` assembles the rows:
-  ``O(batch/data · dim)`` memory and traffic per device.
+  row range (others contribute zeros) and a ``psum`` over ``row_axes`` assembles the rows;
 * **update**: the batch's ids and row gradients are all-gathered over the batch axes (the
   table is replicated over them, so every replica applies the same update), mapped to the
   local row range (others become out-of-range and are dropped), deduplicated once per id
   feature group, and the row optimizer updates only those rows.
 
-Replicated and single-device layouts are the special cases ``row_axes = ()`` and/or
-``batch_axes = ()``; the numbers are the same on every layout (the tests check 1e-5).
+The numbers are the same on every layout (the tests check 1e-5): lookups are exact, and
+updates differ only in the order in which repeated ids' gradients are summed. The table's
+row order is the id order on every mesh, so checkpoints move between meshes unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxreco.optim import RowOptimizer
+from jaxreco.optim import RowOptimizer, sort_with_index, unique_inverse
 from jaxreco.sharding import logical_to_spec
 
 
@@ -36,27 +58,92 @@ def _axes(entry: Any) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+class _Plan:
+    """Routing of one device's slice of ids to the shards owning their rows.
+
+    Shard ``d`` owns rows ``[d · n, (d + 1) · n)``. The slice is sorted once (which groups
+    it by owner) and its distinct ids are sent in *rounds*: round ``r`` carries, for every
+    owner ``d``, the ids with local row in ``[lo[d], hi[d])``, where ``hi`` is chosen (a
+    ``pmin`` over devices of each device's proposal) so that no device has more than
+    ``capacity`` distinct ids in range for any owner. Every id falls in exactly one round,
+    so each owner sees all the gradients of a row at once: the update stays exact. With ids
+    spread evenly there is one round; skewed ids take more rounds, never a dropped id.
+    """
+
+    def __init__(self, ids: jax.Array, num_rows: int, num_shards: int, capacity: int):
+        k = ids.shape[0]
+        self.k, self.num_shards, self.capacity = k, num_shards, capacity
+        self.n = num_rows // num_shards
+        self.size = num_shards * capacity                      # the send buffer; its "drop"
+        key = jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows)   # invalid ids last
+        iota = jnp.arange(k, dtype=jnp.int32)
+        skey, order = sort_with_index(key, num_rows)
+        self.first = jnp.concatenate([jnp.ones((1,), bool), skey[1:] != skey[:-1]])
+        self.dest = skey // self.n                             # num_shards if invalid
+        self.local = skey - self.dest * self.n
+        self.unsort = jnp.zeros((k,), jnp.int32).at[order].set(iota)
+        self.lo = lambda lo: lo[jnp.minimum(self.dest, num_shards - 1)]
+
+    def _rank(self, mask: jax.Array) -> jax.Array:
+        """Per sorted position, the rank among the distinct ``mask``-ed ids of its owner."""
+        m = (self.first & mask).astype(jnp.int32)
+        counts = jax.ops.segment_sum(m, self.dest, num_segments=self.num_shards + 1)
+        return jnp.cumsum(m) - 1 - (jnp.cumsum(counts) - counts)[self.dest]
+
+    def propose(self, lo: jax.Array) -> jax.Array:
+        """``[num_shards]``: per owner, the local row of this slice's ``capacity + 1``-th
+        distinct id at or after ``lo`` (``n`` if there are not that many)."""
+        cand = (self.dest < self.num_shards) & (self.local >= self.lo(lo))
+        at = cand & self.first & (self._rank(cand) == self.capacity)
+        return jnp.full((self.num_shards + 1,), self.n, jnp.int32).at[
+            jnp.where(at, self.dest, self.num_shards)].min(self.local)[:self.num_shards]
+
+    def round(self, lo: jax.Array, hi: jax.Array):
+        """``(send_ids [size], slot [k])`` for the ids with local row in ``[lo, hi)``:
+        ``send_ids`` holds each owner's ids (``capacity`` per owner, padding ``n``);
+        ``slot[i]`` is the buffer position of ``ids[i]`` (``size`` when not in this round)."""
+        inr = (self.dest < self.num_shards) & (self.local >= self.lo(lo)) & (
+            self.local < hi[jnp.minimum(self.dest, self.num_shards - 1)])
+        sslot = jnp.where(inr, self.dest * self.capacity + self._rank(inr), self.size)
+        send_ids = jnp.full((self.size,), self.n, jnp.int32).at[sslot].set(self.local,
+                                                                         mode="drop")
+        return send_ids, sslot[self.unsort]
+
+
 class ShardedTables:
     """Lookup/update of a model's tables on ``mesh`` under ``rules``.
 
     Args:
       table_axes: ``{table: logical axes}``, e.g. ``{"user_embed": ("user", "embed")}``.
       table_features: ``{table: (batch features indexing it, ...)}``.
+      capacity_factor: routed layouts send at most ``ceil(capacity_factor · slice / N)``
+        distinct ids from each device to each owner per round (more → further rounds).
     """
 
     def __init__(self, mesh: Mesh, rules: Mapping[str, Any],
                  table_axes: Mapping[str, Sequence[str | None]],
-                 table_features: Mapping[str, Sequence[str]], row_opt: RowOptimizer):
+                 table_features: Mapping[str, Sequence[str]], row_opt: RowOptimizer,
+                 *, capacity_factor: float = 1.5):
         self.mesh = mesh
         self.row_opt = row_opt
+        self.capacity_factor = float(capacity_factor)
+        if self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor={capacity_factor} must be positive")
         self.table_features = {t: tuple(f) for t, f in table_features.items()}
         self.batch_axes = _axes(rules.get("batch"))
         self.row_axes = {t: _axes(logical_to_spec(ax, rules)[0]) for t, ax in table_axes.items()}
+        self.num_devices = math.prod(mesh.shape.values())
+        # The batch split into one slice per device: batch axes first, then the others.
+        self.slice_axes = self.batch_axes + tuple(a for a in mesh.axis_names
+                                                  if a not in self.batch_axes)
+        self.routed = {t: self.num_devices > 1 and self._size(ra) == self.num_devices
+                       for t, ra in self.row_axes.items()}
         for t, ra in self.row_axes.items():
             overlap = set(ra) & set(self.batch_axes)
-            if overlap:
+            if overlap and not self.routed[t]:
                 raise ValueError(f"mesh.rules: table {t!r} rows and the batch are both sharded "
-                                 f"over {sorted(overlap)}; map them to different mesh axes")
+                                 f"over {sorted(overlap)}; map them to different mesh axes, or "
+                                 f"shard the rows over every mesh axis")
         # Tables indexed by the same features on the same layout share one dedup (one sort).
         groups: dict[tuple, list[str]] = {}
         for t in self.table_features:
@@ -81,28 +168,93 @@ class ShardedTables:
     def _batch_spec(self, ndim: int = 1) -> P:
         return P(self.batch_axes if self.batch_axes else None, *([None] * (ndim - 1)))
 
+    def _slice_spec(self, ndim: int = 1) -> P:
+        return P(self.slice_axes, *([None] * (ndim - 1)))
+
+    def capacity(self, slice_len: int) -> int:
+        """Distinct ids one device may send one owner per step, for a slice of ``slice_len``."""
+        n = self.num_devices
+        return max(1, min(slice_len, math.ceil(self.capacity_factor * slice_len / n)))
+
+    def _pad(self, x: jax.Array, fill) -> jax.Array:
+        """Pads the batch axis to a multiple of the device count (one equal slice each)."""
+        extra = -x.shape[0] % self.num_devices
+        if not extra:
+            return x
+        return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+
+    def _rounds(self, ids: jax.Array, num_rows: int, ra: tuple[str, ...], body, carry):
+        """Inside ``shard_map``: runs ``carry = body(send_ids, slot, carry)`` once per round
+        (see ``_Plan``); every device runs the same number of rounds."""
+        n_dev = self.num_devices
+        plan = _Plan(ids, num_rows, n_dev, self.capacity(ids.shape[0]))
+        if plan.capacity >= ids.shape[0]:                     # a slice always fits: one round
+            n = jnp.full((n_dev,), plan.n, jnp.int32)
+            return body(*plan.round(jnp.zeros_like(n), n), carry)
+
+        def step(c):
+            lo, carry = c
+            hi = jax.lax.pmin(plan.propose(lo), ra)
+            return hi, body(*plan.round(lo, hi), carry)
+
+        _, carry = jax.lax.while_loop(lambda c: jnp.any(c[0] < plan.n), step,
+                                      (jnp.zeros((n_dev,), jnp.int32), carry))
+        return carry
+
+    def _a2a(self, x: jax.Array, ra: tuple[str, ...]) -> jax.Array:
+        return jax.lax.all_to_all(x, ra, 0, 0, tiled=True)
+
     # ------------------------------------------------------------------ lookup
     def lookup(self, tables: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
         """``rows[t][f] = tables[t][batch[f]]``, sharded like the batch."""
         rows: dict[str, dict[str, jax.Array]] = {}
-        for t, feats in self.table_features.items():
-            ra = self.row_axes[t]
-            table = tables[t]
+        for (feats, ra), names in self.groups:
+            if self.routed[names[0]]:
+                for f in feats:
+                    for t, r in zip(names, self._lookup_routed(
+                            [tables[t] for t in names], batch[f], ra)):
+                        rows.setdefault(t, {})[f] = r
+            else:
+                for t in names:
+                    rows[t] = {f: self._lookup_masked(tables[t], batch[f], ra) for f in feats}
+        return {t: rows[t] for t in self.table_features}
 
-            def body(table_local, ids, ra=ra):
-                n = table_local.shape[0]
-                if not ra:
-                    return table_local.at[ids].get(mode="clip")
-                local = ids - self._index(ra) * n
-                ok = (local >= 0) & (local < n)
-                r = table_local.at[jnp.clip(local, 0, n - 1)].get()
-                return jax.lax.psum(jnp.where(ok[:, None], r, 0), ra)
+    def _lookup_masked(self, table, ids, ra):
+        def body(table_local, ids):
+            n = table_local.shape[0]
+            if not ra:
+                return table_local.at[ids].get(mode="clip")
+            local = ids - self._index(ra) * n
+            ok = (local >= 0) & (local < n)
+            r = table_local.at[jnp.clip(local, 0, n - 1)].get()
+            return jax.lax.psum(jnp.where(ok[:, None], r, 0), ra)
 
-            f = jax.shard_map(body, mesh=self.mesh,
-                              in_specs=(self._row_spec(t, table.ndim), self._batch_spec()),
-                              out_specs=self._batch_spec(2))
-            rows[t] = {feat: f(table, batch[feat]) for feat in feats}
-        return rows
+        return jax.shard_map(body, mesh=self.mesh,
+                             in_specs=(P(ra if ra else None, None), self._batch_spec()),
+                             out_specs=self._batch_spec(2))(table, ids)
+
+    def _lookup_routed(self, tabs, ids, ra):
+        num_rows = tabs[0].shape[0]
+        widths = [t.shape[1] for t in tabs]
+        edges = [sum(widths[:i]) for i in range(len(widths) + 1)]
+
+        def body(tabs_local, ids):
+            def one_round(send_ids, slot, out):
+                recv = self._a2a(send_ids, ra)
+                rows = jnp.concatenate([t.at[recv].get(mode="clip") for t in tabs_local], 1)
+                back = self._a2a(rows, ra)
+                return jnp.where((slot < back.shape[0])[:, None],
+                                 back.at[slot].get(mode="fill", fill_value=0), out)
+
+            out = self._rounds(ids, num_rows, ra, one_round,
+                               jnp.zeros((ids.shape[0], edges[-1]), tabs_local[0].dtype))
+            return tuple(out[:, edges[i]:edges[i + 1]] for i in range(len(widths)))
+
+        b = ids.shape[0]
+        f = jax.shard_map(body, mesh=self.mesh,
+                          in_specs=([P(ra, None)] * len(tabs), self._slice_spec()),
+                          out_specs=tuple(self._slice_spec(2) for _ in tabs), check_vma=False)
+        return [r[:b] for r in f(list(tabs), self._pad(ids, -1))]
 
     # ------------------------------------------------------------------ update
     def update(self, tables: Mapping[str, jax.Array], slots: Mapping[str, Any],
@@ -110,44 +262,108 @@ class ShardedTables:
                step: jax.Array):
         """Row-sparse optimizer step on the rows the batch touched: ``(tables, slots)``."""
         new_tables, new_slots = dict(tables), dict(slots)
-        ba = self.batch_axes
         for (feats, ra), names in self.groups:
-            def body(ids, gs, tabs, sls, step, ra=ra, names=names):
-                if ba:
-                    ids = jax.lax.all_gather(ids, ba, tiled=True)
-                    gs = [jax.lax.all_gather(x, ba, tiled=True) for x in gs]
-                n = tabs[0].shape[0]
-                local = ids - self._index(ra) * n if ra else ids
-                local = jnp.where((local >= 0) & (local < n), local, n)
-                uids, inv = jnp.unique(local, size=local.shape[0], fill_value=n,
-                                       return_inverse=True)
-                outs_t, outs_s = [], []
-                for tab, sl, gx in zip(tabs, sls, gs):
-                    ug = jax.ops.segment_sum(gx, inv.reshape(-1), num_segments=local.shape[0])
-                    nt, ns = self.row_opt.apply(tab, sl, uids, ug, step)
-                    outs_t.append(nt)
-                    outs_s.append(ns)
-                return outs_t, outs_s
-
-            # The feature concatenation interleaves per-feature shards; gather per feature.
-            tab_specs = [self._row_spec(t, tables[t].ndim) for t in names]
-            slot_specs = [jax.tree.map(lambda x, t=t: self._row_spec(t, x.ndim), slots[t])
-                          for t in names]
-            ids_parts = [batch[f] for f in feats]
-            g_parts = [[grads[t][f] for f in feats] for t in names]
-
-            def body_parts(ids_parts, g_parts, tabs, sls, step):
-                return body(jnp.concatenate(ids_parts), [jnp.concatenate(p) for p in g_parts],
-                            tabs, sls, step)
-
-            f = jax.shard_map(
-                body_parts, mesh=self.mesh,
-                in_specs=([self._batch_spec()] * len(feats),
-                          [[self._batch_spec(2)] * len(feats) for _ in names],
-                          tab_specs, slot_specs, P()),
-                out_specs=(tab_specs, slot_specs), check_vma=False)
-            tabs, sls = f(ids_parts, g_parts, [tables[t] for t in names],
-                          [slots[t] for t in names], step)
+            update = self._update_routed if self.routed[names[0]] else self._update_masked
+            tabs, sls = update(feats, ra, names, tables, slots, batch, grads, step)
             for t, nt, ns in zip(names, tabs, sls):
                 new_tables[t], new_slots[t] = nt, ns
         return new_tables, new_slots
+
+    def _apply(self, tabs, sls, local, gs, step):
+        """Dedups ``local`` (row ids, ``n`` = none) and applies the row optimizer per table."""
+        n = tabs[0].shape[0]
+        m = local.shape[0]
+        uids, inv = unique_inverse(local, n)
+        outs_t, outs_s = [], []
+        for tab, sl, gx in zip(tabs, sls, gs):
+            ug = jax.ops.segment_sum(gx, inv, num_segments=m)
+            nt, ns = self.row_opt.apply(tab, sl, uids, ug, step)
+            outs_t.append(nt)
+            outs_s.append(ns)
+        return outs_t, outs_s
+
+    def _specs(self, names, tables, slots):
+        tab_specs = [self._row_spec(t, tables[t].ndim) for t in names]
+        slot_specs = [jax.tree.map(lambda x, t=t: self._row_spec(t, x.ndim), slots[t])
+                      for t in names]
+        return tab_specs, slot_specs
+
+    def _update_masked(self, feats, ra, names, tables, slots, batch, grads, step):
+        ba = self.batch_axes
+
+        def body(ids, gs, tabs, sls, step):
+            if ba:
+                ids = jax.lax.all_gather(ids, ba, tiled=True)
+                gs = [jax.lax.all_gather(x, ba, tiled=True) for x in gs]
+            n = tabs[0].shape[0]
+            local = ids - self._index(ra) * n if ra else ids
+            local = jnp.where((local >= 0) & (local < n), local, n)
+            return self._apply(tabs, sls, local, gs, step)
+
+        # The feature concatenation interleaves per-feature shards; gather per feature.
+        def body_parts(ids_parts, g_parts, tabs, sls, step):
+            return body(jnp.concatenate(ids_parts), [jnp.concatenate(p) for p in g_parts],
+                        tabs, sls, step)
+
+        tab_specs, slot_specs = self._specs(names, tables, slots)
+        f = jax.shard_map(
+            body_parts, mesh=self.mesh,
+            in_specs=([self._batch_spec()] * len(feats),
+                      [[self._batch_spec(2)] * len(feats) for _ in names],
+                      tab_specs, slot_specs, P()),
+            out_specs=(tab_specs, slot_specs), check_vma=False)
+        return f([batch[f] for f in feats], [[grads[t][f] for f in feats] for t in names],
+                 [tables[t] for t in names], [slots[t] for t in names], step)
+
+    def _update_routed(self, feats, ra, names, tables, slots, batch, grads, step):
+        num_rows = tables[names[0]].shape[0]
+        widths = [tables[t].shape[1] for t in names]
+        edges = [sum(widths[:i]) for i in range(len(widths) + 1)]
+
+        def body(ids_parts, g_parts, tabs, sls, step):
+            ids = jnp.concatenate(ids_parts)
+            # [slice, sum of widths]: per feature, the group's tables side by side.
+            g = jnp.concatenate([jnp.concatenate([gt[i] for gt in g_parts], axis=1)
+                                 for i in range(len(ids_parts))])
+
+            def one_round(send_ids, slot, carry):
+                tabs, sls = carry
+                send_g = jnp.zeros((send_ids.shape[0], g.shape[1]), g.dtype).at[slot].add(
+                    g, mode="drop")
+                recv_ids = self._a2a(send_ids, ra)
+                recv_g = self._a2a(send_g, ra)
+                return self._apply(tabs, sls, recv_ids,
+                                   [recv_g[:, edges[i]:edges[i + 1]] for i in range(len(names))],
+                                   step)
+
+            return self._rounds(ids, num_rows, ra, one_round, (tabs, sls))
+
+        tab_specs, slot_specs = self._specs(names, tables, slots)
+        f = jax.shard_map(
+            body, mesh=self.mesh,
+            in_specs=([self._slice_spec()] * len(feats),
+                      [[self._slice_spec(2)] * len(feats) for _ in names],
+                      tab_specs, slot_specs, P()),
+            out_specs=(tab_specs, slot_specs), check_vma=False)
+        return f([self._pad(batch[f], -1) for f in feats],
+                 [[self._pad(grads[t][f], 0) for f in feats] for t in names],
+                 [tables[t] for t in names], [slots[t] for t in names], step)
+
+    # ------------------------------------------------------------------ diagnostics
+    def rounds(self, tables: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
+        """``{group's first table: int}``: how many routing rounds ``batch``'s update takes
+        there (routed groups only; 1 unless some device exceeds its capacity for an owner)."""
+        out = {}
+        for (feats, ra), names in self.groups:
+            if not self.routed[names[0]]:
+                continue
+            num_rows = tables[names[0]].shape[0]
+
+            def body(ids_parts):
+                return self._rounds(jnp.concatenate(ids_parts), num_rows, ra,
+                                    lambda send_ids, slot, c: c + 1, jnp.int32(0))
+
+            f = jax.shard_map(body, mesh=self.mesh, in_specs=([self._slice_spec()] * len(feats),),
+                              out_specs=P(), check_vma=False)
+            out[names[0]] = int(jax.jit(f)([self._pad(batch[f], -1) for f in feats]))
+        return out

@@ -30,11 +30,42 @@ import jax.numpy as jnp
 import optax
 
 
+def sort_with_index(keys: jax.Array, bound: int) -> tuple[jax.Array, jax.Array]:
+    """``(sorted keys, order)`` for int keys in ``[0, bound]``, ties in index order.
+
+    When ``bound · 2^⌈log2 n⌉`` fits in int32 the index is packed under the key and one
+    single-operand sort does it (XLA:CPU sorts one int32 array several times faster than a
+    key/value pair); otherwise a stable ``sort_key_val``.
+    """
+    n = keys.shape[0]
+    bits = max(1, (n - 1).bit_length())
+    iota = jnp.arange(n, dtype=jnp.int32)
+    keys = keys.astype(jnp.int32)
+    if (bound + 1) << bits <= 2 ** 31:
+        packed = jnp.sort((keys << bits) | iota)
+        return packed >> bits, packed & ((1 << bits) - 1)
+    return jax.lax.sort_key_val(keys, iota)
+
+
+def unique_inverse(ids: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """``jnp.unique(ids, size=n, fill_value=num_rows, return_inverse=True)`` for ids in
+    ``[0, num_rows]`` (others count as ``num_rows``), with one sort (``sort_with_index``)."""
+    n = ids.shape[0]
+    ids = jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows)
+    skey, order = sort_with_index(ids, num_rows)
+    first = jnp.concatenate([jnp.ones((1,), bool), skey[1:] != skey[:-1]])
+    uidx = jnp.cumsum(first.astype(jnp.int32)) - 1
+    uids = jnp.full((n,), num_rows, jnp.int32).at[jnp.where(first, uidx, n)].set(
+        skey, mode="drop")
+    inv = jnp.zeros((n,), jnp.int32).at[order].set(uidx)
+    return uids, inv
+
+
 def dedup(ids: jax.Array, grads: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
     """Unique ids (padded with ``num_rows``) and the summed gradient of each.
 
     Args:
-      ids: int [n] row ids, possibly repeated.
+      ids: int [n] row ids, possibly repeated; ids outside ``[0, num_rows)`` are ignored.
       grads: [n, dim] per-occurrence gradients.
     Returns:
       ``(uids [n], ugrads [n, dim])``; slots past the number of distinct ids hold id
@@ -42,8 +73,8 @@ def dedup(ids: jax.Array, grads: jax.Array, num_rows: int) -> tuple[jax.Array, j
       and zero gradient.
     """
     n = ids.shape[0]
-    uids, inv = jnp.unique(ids, size=n, fill_value=num_rows, return_inverse=True)
-    ugrads = jax.ops.segment_sum(grads, inv.reshape(-1), num_segments=n)
+    uids, inv = unique_inverse(ids, num_rows)
+    ugrads = jax.ops.segment_sum(grads, inv, num_segments=n)
     return uids, ugrads
 
 

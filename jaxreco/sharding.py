@@ -49,7 +49,8 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
 
 
 def logical_to_spec(logical: Sequence[str | None] | None, rules: Mapping[str, Any]) -> P:
-    """``('user', 'embed')`` + ``{user: model, embed: null}`` -> ``P('model', None)``."""
+    """``('user', 'embed')`` + ``{user: model, embed: null}`` -> ``P('model', None)``;
+    ``{user: [data, model]}`` shards ``user`` over both axes: ``P(('data', 'model'), None)``."""
     if not logical:
         return P()
     out = []
@@ -59,7 +60,8 @@ def logical_to_spec(logical: Sequence[str | None] | None, rules: Mapping[str, An
         elif name not in rules:
             raise ValueError(f"logical axis {name!r} has no rule in mesh.rules={dict(rules)}")
         else:
-            out.append(rules[name])
+            rule = rules[name]       # a mesh axis, null, or a list of axes (one dimension)
+            out.append(rule if rule is None or isinstance(rule, str) else tuple(rule))
     return P(*out)
 
 

@@ -31,14 +31,15 @@ def _preset(name):
     return dict(cfg.mesh.axes), dict(cfg.mesh.rules)
 
 
-def _setup(axes, rules, optimizer="lazy_adam"):
+def _setup(axes, rules, optimizer="lazy_adam", **table_kw):
     mesh = make_mesh(axes)
     row_opt = optim.row_optimizer(optimizer, lr=0.05)
     tx = optim.dense_optimizer("adam", 0.01)
     graphdef, state, shardings = create_state(
         lambda: MF(USERS, ITEMS, dim=DIM, init_std=0.1, global_bias=3.0, rngs=nnx.Rngs(0)),
         row_opt, tx, mesh, rules)
-    tables = ShardedTables(mesh, rules, table_axes(state.tables), MF.table_features, row_opt)
+    tables = ShardedTables(mesh, rules, table_axes(state.tables), MF.table_features, row_opt,
+                           **table_kw)
 
     def loss_fn(model, rows, batch):
         pred = model.score(rows, batch)
@@ -48,6 +49,7 @@ def _setup(axes, rules, optimizer="lazy_adam"):
     step = jax.jit(make_train_step(graphdef, tables, loss_fn, tx),
                    in_shardings=(shardings, batch_sharding(mesh, rules)),
                    out_shardings=(shardings, None), donate_argnums=0)
+    step.tables = tables
     return mesh, state, step
 
 
@@ -140,3 +142,93 @@ def test_row_sharded_tables_use_a_fraction_of_device_memory():
     assert mem.temp_size_in_bytes < whole / 8, mem
     hlo = compiled.as_text()
     assert f"f32[{big_users},32]" not in hlo.replace(" ", "")
+
+
+# ---------------------------------------------------------------- routed (owner) layout
+def _run(preset, batches, optimizer="adagrad", **table_kw):
+    """Trains on ``batches``; returns the parameters and each batch's routing rounds."""
+    axes, rules = _preset(preset) if isinstance(preset, str) else preset
+    _, state, step = _setup(axes, rules, optimizer, **table_kw)
+    rounds = []
+    for b in batches:
+        if any(step.tables.routed.values()):
+            rounds.append(step.tables.rounds(state.table_values(), b))
+        state, _ = step(state, b)
+        jax.block_until_ready(state)
+    return _params(state), rounds
+
+
+def _check_same(batches, presets=("dp_mp", "mp"), optimizer="adagrad", **table_kw):
+    ref, _ = _run("single", batches, optimizer)
+    all_rounds = {}
+    for preset in presets:
+        got, rounds = _run(preset, batches, optimizer, **table_kw)
+        all_rounds[preset] = rounds
+        for k in ref:
+            np.testing.assert_allclose(got[k], ref[k], atol=1e-5, rtol=0, err_msg=f"{preset} {k}")
+    return all_rounds
+
+
+def _batch(user, item, seed=0):
+    user, item = np.asarray(user, np.int32), np.asarray(item, np.int32)
+    return {"user": user, "item": item,
+            "rating": np.random.default_rng(seed).integers(1, 6, len(user)).astype(np.float32)}
+
+
+def test_dp_mp_rows_have_one_owner_and_use_routing():
+    axes, rules = _preset("dp_mp")
+    _, state, step = _setup(axes, rules)
+    assert all(step.tables.routed.values())
+    t = state.table_values()["user_embed"]
+    assert {s.data.shape for s in t.addressable_shards} == {(USERS // 8, DIM)}
+    assert len({s.index[0].start for s in t.addressable_shards}) == 8     # no replica
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "lazy_adam"])
+def test_capacity_overflow_takes_extra_rounds_and_stays_exact(optimizer):
+    # Zipf ids with capacity 1 per (device, owner): most batches overflow.
+    rounds = _check_same(_batches(6), optimizer=optimizer, capacity_factor=0.01)
+    for preset, rs in rounds.items():
+        assert max(max(r.values()) for r in rs) > 2, (preset, rs)
+
+
+def test_default_capacity_is_one_round_for_spread_ids():
+    rng = np.random.default_rng(1)
+    batches = [_batch(rng.permutation(USERS)[:BATCH], rng.permutation(ITEMS)[:BATCH], s)
+               for s in range(4)]
+    rounds = _check_same(batches, capacity_factor=8.0)
+    assert all(r == {"user_embed": 1, "item_embed": 1} for rs in rounds.values() for r in rs)
+
+
+def test_all_ids_on_one_owner():
+    # Every id in the first owner's row range (32 rows on 8 devices): 64 ids, 1/8 capacity.
+    rng = np.random.default_rng(2)
+    batches = [_batch(rng.integers(0, USERS // 8, BATCH), rng.integers(0, ITEMS // 8, BATCH), s)
+               for s in range(4)]
+    rounds = _check_same(batches)
+    assert all(max(r.values()) > 1 for rs in rounds.values() for r in rs)
+
+
+def test_repeated_id_is_sent_once():
+    # One id repeated over the whole batch: each device sends it once, whatever the capacity.
+    batches = [_batch([7] * BATCH, [100] * BATCH, s) for s in range(3)]
+    rounds = _check_same(batches, capacity_factor=0.01)
+    assert all(r == {"user_embed": 1, "item_embed": 1} for rs in rounds.values() for r in rs)
+
+
+def test_batch_not_divisible_by_device_count():
+    rng = np.random.default_rng(3)
+    batches = [_batch(rng.integers(0, USERS, 60), rng.integers(0, ITEMS, 60), s)
+               for s in range(3)]
+    _check_same(batches, presets=("mp",), capacity_factor=0.5)
+
+
+def test_unique_inverse_matches_jnp_unique():
+    rng = np.random.default_rng(4)
+    for n, rows in ((1, 5), (64, 10), (300, 1000), (513, 1 << 24)):
+        ids = jnp.asarray(rng.integers(-2, rows + 2, n), jnp.int32)
+        clean = jnp.where((ids >= 0) & (ids < rows), ids, rows)
+        want_u, want_inv = jnp.unique(clean, size=n, fill_value=rows, return_inverse=True)
+        got_u, got_inv = optim.unique_inverse(ids, rows)
+        np.testing.assert_array_equal(got_u, want_u)
+        np.testing.assert_array_equal(got_inv, want_inv.reshape(-1))
