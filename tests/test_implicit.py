@@ -80,3 +80,9 @@ def test_implicit_training_beats_chance_is_deterministic_and_resumes(tmp_path, m
     _train(tmp_path, ml_dir, "trainer.max_steps=" + str(a["train/steps"] // 2), run="c")
     c = _train(tmp_path, ml_dir, run="c")
     assert det(c) == det(a)
+    # jaxreco-eval on the run directory reproduces the trainer's test figures
+    from jaxreco.cli.eval import main as eval_main
+    assert eval_main([str(tmp_path / "a")]) == 0
+    e = json.loads((tmp_path / "a" / "eval.json").read_text())
+    for k in ("test/hr@10", "test/ndcg@10", "test/full/hr@10", "test/full/mrr"):
+        assert e[k] == pytest.approx(a[k], abs=1e-9), k
