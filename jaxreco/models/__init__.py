@@ -20,12 +20,14 @@ def pad_rows(n: int, multiple: int) -> int:
 def build(cfg: Mapping[str, Any], *, num_users: int, num_items: int, global_bias: float,
           seed: int, side_vocab: Mapping[str, int] | None = None,
           context_vocab: Mapping[str, int] | None = None,
-          negatives: bool = False) -> Callable[[], nnx.Module]:
+          negatives: bool = False,
+          head_bias: Mapping[str, float] | None = None) -> Callable[[], nnx.Module]:
     """A constructor of the model ``cfg`` names.
 
     ``side_vocab`` / ``context_vocab``: ``{feature: vocabulary size}`` of the item-side and
     context features the data provides (``embed_mlp`` only); ``negatives``: the batches
-    carry sampled ``neg_*`` item features.
+    carry sampled ``neg_*`` item features; ``head_bias``: initial bias per head (e.g. the
+    log-odds of the training CTR, so a rare-click head starts calibrated).
     """
     name = cfg["name"]
     mult = int(cfg.get("row_multiple", 1) or 1)
@@ -42,5 +44,5 @@ def build(cfg: Mapping[str, Any], *, num_users: int, num_items: int, global_bias
             mf_dim=int(cfg["mf_dim"]), mlp_dims=tuple(int(d) for d in cfg["mlp_dims"]),
             side_features=side, context_features=ctx, bias=bool(cfg["bias"]),
             heads=tuple(cfg["heads"]), init_std=float(cfg["init_std"]), negatives=negatives,
-            global_bias=global_bias, rngs=nnx.Rngs(seed))
+            global_bias=global_bias, head_bias=head_bias, rngs=nnx.Rngs(seed))
     raise ValueError(f"model.name={name!r} is unknown; known models: {list(MODELS)}")

@@ -55,7 +55,8 @@ class EmbedMLP(LookupModel):
                  side_features: Mapping[str, int] | None = None,
                  context_features: Mapping[str, int] | None = None, bias: bool = True,
                  heads: Sequence[str] = ("click",), init_std: float = 0.01,
-                 negatives: bool = False, global_bias: float = 0.0, rngs: nnx.Rngs):
+                 negatives: bool = False, global_bias: float = 0.0,
+                 head_bias: Mapping[str, float] | None = None, rngs: nnx.Rngs):
         if combiner not in COMBINERS:
             raise ValueError(f"model.combiner={combiner!r}: must be one of {list(COMBINERS)}")
         if not heads:
@@ -109,8 +110,8 @@ class EmbedMLP(LookupModel):
         self.item_features = item_feats
         out = {}
         for hd in self.heads:
-            d = {"b": nnx.Param(jnp.asarray(global_bias if hd == "rating" else 0.0, jnp.float32),
-                                axes=())}
+            b0 = (head_bias or {}).get(hd, global_bias if hd == "rating" else 0.0)
+            d = {"b": nnx.Param(jnp.asarray(b0, jnp.float32), axes=())}
             if combiner in ("gmf", "both"):
                 d["w_mf"] = nnx.Param(jnp.ones((mf_dim,), jnp.float32), axes=(None,))
             if self.use_mlp:

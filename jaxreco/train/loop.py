@@ -345,10 +345,19 @@ class PreparedTask:
         if self.kind == "implicit" and heads[0] != "click":
             raise ValueError(f"task.kind=implicit scores with the first head; model.heads="
                              f"{heads} must start with 'click'")
+        head_bias = {}
+        if self.kind == "ctr":           # start each click-like head at its training log-odds
+            tr = self.train_cols
+            for h in heads:
+                if h != "rating":
+                    p = float(np.clip(np.mean(evaluate_lib.head_labels(tr, h)), 1e-6, 1 - 1e-6))
+                    head_bias[h] = float(np.log(p / (1 - p)))
+        rating = self.train_cols.get("rating")
         return models.build(self.cfg.model, num_users=self.num_users, num_items=self.num_items,
-                            global_bias=0.0, seed=self.cfg.seed, side_vocab=self.side_vocab,
+                            global_bias=float(np.mean(rating)) if rating is not None and len(rating)
+                            else 0.0, seed=self.cfg.seed, side_vocab=self.side_vocab,
                             context_vocab=self.context_vocab,
-                            negatives=self.kind == "implicit")
+                            negatives=self.kind == "implicit", head_bias=head_bias)
 
     def loss_fn(self, abstract_model):
         mc, tc = self.cfg.model, self.tc
