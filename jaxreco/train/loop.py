@@ -10,6 +10,12 @@ writes into ``workdir``:
                     measurements, every other key is a deterministic function of the config);
 * ``checkpoints/``  Orbax steps (state + data iterator + loop bookkeeping);
 * ``tb/``           TensorBoard events.
+
+``cfg.task.kind`` picks what is learnt (:data:`TASKS`): ``rating`` (explicit MF, the
+registry loader's random split, RMSE/MAE — unchanged), ``implicit`` (sampled negatives,
+BCE/BPR, sampled + full ranking metrics) or ``ctr`` (labelled impressions, BCE,
+AUC/logloss/calibration). The two last read a dataset prepared by ``jaxreco.data.prepare``;
+every task shares the loop below: resume, SIGTERM, checkpoints, multi-process batches.
 """
 
 from __future__ import annotations
