@@ -25,7 +25,6 @@ from jaxreco.cli import CONF_DIR, quiet_libraries, user_errors
 log = logging.getLogger("jaxreco")
 config.register()
 
-OBJECTIVE = "val/rmse"          # what a sweeper minimises; never a test metric
 _runs: list[dict] = []          # this process's multirun jobs: {"num", "overrides", "dir", "error"}
 
 
@@ -54,7 +53,7 @@ def _app(cfg: DictConfig) -> float:
     workdir = Path(hc.runtime.output_dir)
     if hc.mode != RunMode.MULTIRUN:
         with user_errors():
-            return _train(cfg, workdir)[OBJECTIVE]
+            return _train(cfg, workdir).objective
 
     from jaxreco import tracking
     from jaxreco.distributed import detect
@@ -63,7 +62,7 @@ def _app(cfg: DictConfig) -> float:
     run = {"num": hc.job.num, "overrides": overrides, "dir": str(workdir), "error": None}
     _runs.append(run)
     try:
-        return float(_train(cfg, workdir)[OBJECTIVE])
+        return float(_train(cfg, workdir).objective)
     except Exception as e:  # noqa: BLE001 - one run's failure must not end the sweep
         run["error"] = failure_reason(e)
         pe = detect()

@@ -125,15 +125,9 @@ class PreemptionWatcher:
 class Results(dict):
     """The final metrics (what ``metrics.json`` holds), plus :attr:`objective`: the
     validation metric a sweeper minimises (``val/rmse``; ``−val/ndcg@10`` or ``−val/auc``
-    for the implicit/ctr tasks; NaN without a validation split). ``jaxreco-train`` reads
-    ``results["val/rmse"]``; for tasks without that key the lookup returns the objective."""
+    for the implicit/ctr tasks; NaN without a validation split)."""
 
     objective: float = float("nan")
-
-    def __missing__(self, key):
-        if key == "val/rmse":
-            return self.objective
-        raise KeyError(key)
 
 
 class _Writer:
