@@ -165,10 +165,18 @@ class RankingEvaluator:
             rel_mask[n:] = False
             s, top, valid = self._jit_full(state, items, uu.astype(np.int32), seen_r, seen_c,
                                            rel, rel_mask)
-            sums = metrics_lib.merge(sums, jax.device_get(s))
-            top, valid = jax.device_get((top, valid))
-            tops.append(top[:n])
-            valids.append(valid[:n])
+            sums = self._collect(sums, tops, valids, s, top, valid, n)
+        return self._summarize(sums, tops, valids)
+
+    @staticmethod
+    def _collect(sums, tops, valids, s, top, valid, n):
+        """Merges one chunk's sums; keeps its first ``n`` (unpadded) top-k lists."""
+        top, valid = jax.device_get((top, valid))
+        tops.append(top[:n])
+        valids.append(valid[:n])
+        return metrics_lib.merge(sums, jax.device_get(s))
+
+    def _summarize(self, sums, tops, valids) -> dict[str, float]:
         out = metrics_lib.ranking_metrics(sums)
         out.update(metrics_lib.coverage(np.concatenate(tops), np.concatenate(valids),
                                         self.num_items, self.ks))
@@ -191,14 +199,8 @@ class RankingEvaluator:
             uu[:n], cc[:n] = cu[start:start + n], cand[start:start + n]
             ok = np.arange(r) < n
             s, top, valid = self._jit_sampled(state, items, uu, cc, ok)
-            sums = metrics_lib.merge(sums, jax.device_get(s))
-            top, valid = jax.device_get((top, valid))
-            tops.append(top[:n])
-            valids.append(valid[:n])
-        out = metrics_lib.ranking_metrics(sums)
-        out.update(metrics_lib.coverage(np.concatenate(tops), np.concatenate(valids),
-                                        self.num_items, self.ks))
-        return out
+            sums = self._collect(sums, tops, valids, s, top, valid, n)
+        return self._summarize(sums, tops, valids)
 
 
 def pointwise_eval(graphdef, state, cols: Mapping[str, np.ndarray], *,
