@@ -46,20 +46,9 @@ def free_port() -> int:
 
 def mf_functions():
     """``score_fn``, ``user_item_scores_fn``, ``item_vectors_fn`` of biased MF, in JAX."""
-    import jax.numpy as jnp
+    from jaxreco.export import biased_mf_functions
 
-    def score(p, u, i):
-        return (p["global_bias"] + p["user_bias"][u, 0] + p["item_bias"][i, 0]
-                + jnp.sum(p["user_embed"][u] * p["item_embed"][i], axis=-1))
-
-    def user_item_scores(p, u):
-        return (p["global_bias"] + p["user_bias"][u] + p["item_bias"][:, 0][None, :]
-                + p["user_embed"][u] @ p["item_embed"].T)
-
-    def item_vectors(p):
-        return p["item_embed"]
-
-    return score, user_item_scores, item_vectors
+    return biased_mf_functions()
 
 
 @dataclasses.dataclass
