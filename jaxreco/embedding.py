@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxreco.optim import RowOptimizer, sort_with_index, unique_inverse
+from jaxreco.optim import RowOptimizer, sort_positions, take_rows, unique_inverse
 from jaxreco.sharding import logical_to_spec
 
 
@@ -76,12 +76,10 @@ class _Plan:
         self.n = num_rows // num_shards
         self.size = num_shards * capacity                      # the send buffer; its "drop"
         key = jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows)   # invalid ids last
-        iota = jnp.arange(k, dtype=jnp.int32)
-        skey, order = sort_with_index(key, num_rows)
+        skey, self.pos = sort_positions(key, num_rows)
         self.first = jnp.concatenate([jnp.ones((1,), bool), skey[1:] != skey[:-1]])
         self.dest = skey // self.n                             # num_shards if invalid
         self.local = skey - self.dest * self.n
-        self.unsort = jnp.zeros((k,), jnp.int32).at[order].set(iota)
         self.lo = lambda lo: lo[jnp.minimum(self.dest, num_shards - 1)]
 
     def _rank(self, mask: jax.Array) -> jax.Array:
@@ -107,7 +105,7 @@ class _Plan:
         sslot = jnp.where(inr, self.dest * self.capacity + self._rank(inr), self.size)
         send_ids = jnp.full((self.size,), self.n, jnp.int32).at[sslot].set(self.local,
                                                                          mode="drop")
-        return send_ids, sslot[self.unsort]
+        return send_ids, sslot[self.pos]
 
 
 class ShardedTables:
@@ -130,8 +128,14 @@ class ShardedTables:
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor={capacity_factor} must be positive")
         self.table_features = {t: tuple(f) for t, f in table_features.items()}
-        self.batch_axes = _axes(rules.get("batch"))
-        self.row_axes = {t: _axes(logical_to_spec(ax, rules)[0]) for t, ax in table_axes.items()}
+        # Mesh axes of size 1 shard nothing: dropping them lets a one-device or replicated
+        # layout use plain gathers that XLA fuses with their consumers.
+        def sharded(axes: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(a for a in axes if mesh.shape[a] > 1)
+
+        self.batch_axes = sharded(_axes(rules.get("batch")))
+        self.row_axes = {t: sharded(_axes(logical_to_spec(ax, rules)[0]))
+                         for t, ax in table_axes.items()}
         self.num_devices = math.prod(mesh.shape.values())
         # The batch split into one slice per device: batch axes first, then the others.
         self.slice_axes = self.batch_axes + tuple(a for a in mesh.axis_names
@@ -220,13 +224,16 @@ class ShardedTables:
         return {t: rows[t] for t in self.table_features}
 
     def _lookup_masked(self, table, ids, ra):
+        if not ra:
+            return take_rows(table, ids)
+
         def body(table_local, ids):
             n = table_local.shape[0]
             if not ra:
-                return table_local.at[ids].get(mode="clip")
+                return take_rows(table_local, ids)
             local = ids - self._index(ra) * n
             ok = (local >= 0) & (local < n)
-            r = table_local.at[jnp.clip(local, 0, n - 1)].get()
+            r = take_rows(table_local, local)
             return jax.lax.psum(jnp.where(ok[:, None], r, 0), ra)
 
         return jax.shard_map(body, mesh=self.mesh,
@@ -241,7 +248,7 @@ class ShardedTables:
         def body(tabs_local, ids):
             def one_round(send_ids, slot, out):
                 recv = self._a2a(send_ids, ra)
-                rows = jnp.concatenate([t.at[recv].get(mode="clip") for t in tabs_local], 1)
+                rows = jnp.concatenate([take_rows(t, recv) for t in tabs_local], 1)
                 back = self._a2a(rows, ra)
                 return jnp.where((slot < back.shape[0])[:, None],
                                  back.at[slot].get(mode="fill", fill_value=0), out)
