@@ -153,17 +153,23 @@ def _rows_per_view(p: Params, truth: Truth) -> float:
     return len(b["user"]) / v.sum()
 
 
-def blocks(p: Params, truth: Truth | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Exactly ``p.num_interactions`` rows, in blocks of whole users (grouped by user)."""
-    truth = truth or item_truth(p)
+def _plan(p: Params, truth: Truth) -> tuple[np.ndarray, int]:
+    """``(planned views per user, users per block)``: the block partition every per-user
+    draw is seeded by."""
     rng = np.random.default_rng([p.seed, 0xAC71])
     act = rng.lognormal(0.0, 1.0, p.num_users)
     plan_total = p.num_interactions / _rows_per_view(p, truth) * 1.05
     views = np.floor(act / act.sum() * plan_total).astype(np.int64)
+    mean_views = max(1.0, plan_total / p.num_users)
+    return views, max(1, int(p.block_rows / 1.3 / mean_views))
+
+
+def blocks(p: Params, truth: Truth | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Exactly ``p.num_interactions`` rows, in blocks of whole users (grouped by user)."""
+    truth = truth or item_truth(p)
+    views, users_per_block = _plan(p, truth)
     emitted = 0
     rnd = 1
-    mean_views = max(1.0, plan_total / p.num_users)
-    users_per_block = max(1, int(p.block_rows / 1.3 / mean_views))
     while emitted < p.num_interactions:
         for lo in range(0, p.num_users, users_per_block):
             hi = min(p.num_users, lo + users_per_block)
@@ -179,6 +185,53 @@ def blocks(p: Params, truth: Truth | None = None) -> Iterator[dict[str, np.ndarr
                 return
         rnd += 1
         views = np.maximum(1, views // 4)   # short: another, smaller round of sessions
+
+
+def click_probability(p: Params, users: np.ndarray, items: np.ndarray,
+                      truth: Truth | None = None) -> np.ndarray:
+    """The generator's per-view click probability ``σ(click_bias + w_u·c_{k_i} + 0.5 q_i)``
+    of raw ``(user, item)`` pairs (a view of item ``i`` is always in a session of its own
+    category ``k_i``)."""
+    truth = truth or item_truth(p)
+    users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
+    if len(users) and (users.min() < 0 or users.max() >= p.num_users or items.min() < 0
+                       or items.max() >= p.num_items):
+        raise ValueError(f"click_probability: ids outside the generator's {p.num_users} users"
+                         f" / {p.num_items} items")
+    _, users_per_block = _plan(p, truth)
+    latent = np.concatenate([user_truth(p, truth, lo, min(p.num_users, lo + users_per_block))[1]
+                             for lo in range(0, p.num_users, users_per_block)])
+    cat = truth.item_category[items]
+    logit = (p.click_bias + np.einsum("nd,nd->n", latent[users], truth.centroids[cat])
+             + 0.5 * truth.item_quality[items])
+    return 1.0 / (1.0 + np.exp(-logit))
+
+
+def view_counts(p: Params, users: np.ndarray, items: np.ndarray,
+                truth: Truth | None = None) -> np.ndarray:
+    """How many times each raw ``(user, item)`` pair was viewed in the generated log."""
+    truth = truth or item_truth(p)
+    keys = []
+    for b in blocks(p, truth):
+        v = b["event"] == 0
+        keys.append(b["user"][v].astype(np.int64) * p.num_items + b["item"][v])
+    uniq, counts = np.unique(np.concatenate(keys), return_counts=True)
+    want = np.asarray(users, np.int64) * p.num_items + np.asarray(items, np.int64)
+    at = np.minimum(np.searchsorted(uniq, want), len(uniq) - 1)
+    return np.where(uniq[at] == want, counts[at], 0)
+
+
+def ground_truth(cfg: Mapping[str, Any], users: np.ndarray, items: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+    """For raw pairs: ``p_view`` (per-view click probability) and ``p_any`` =
+    ``1 − (1 − p_view)^views``, the probability of the label "any click on the pair" given
+    how often the pair was viewed — the Bayes-optimal score, so its AUC is the ceiling of
+    any model (which sees the pair, not its view count)."""
+    p = Params.from_cfg(cfg)
+    truth = item_truth(p)
+    pv = click_probability(p, users, items, truth)
+    n = view_counts(p, users, items, truth)
+    return {"p_view": pv, "p_any": 1.0 - (1.0 - pv) ** n, "views": n}
 
 
 def source(cfg: Mapping[str, Any]) -> Source:

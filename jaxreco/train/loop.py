@@ -487,7 +487,27 @@ class PreparedTask:
                     results[f"perf/{s}_{k.replace('/', '_')}"] = v
                 elif k != "count" and k != "full/count":
                     results[f"{s}/{k}"] = v
+        if self.kind == "ctr" and self.cfg.dataset.name == "synthetic-ecommerce":
+            results.update(self._truth_ceiling("test"))
         return results
+
+    def _truth_ceiling(self, split: str) -> dict[str, float]:
+        """The generator's own click probabilities on ``split``: the AUC ceiling a model of
+        the pair can reach (``truth_auc``: Bayes score of "any click" given the pair's view
+        count; ``truth_auc_per_view``: the per-view probability alone)."""
+        from jaxreco.data import synthetic
+        from jaxreco.data.prepare import load_table
+        raw_u = load_table(self.path, "user_vocab")["raw_id"].astype(np.int64)
+        raw_i = load_table(self.path, "item_vocab")["raw_id"].astype(np.int64)
+        d = self.split[split]
+        g = synthetic.ground_truth(OmegaConf.to_container(self.cfg.dataset, resolve=True),
+                                   raw_u[d["user"]], raw_i[d["item"]])
+        label = np.asarray(d["label"]) > 0
+        p_any = np.clip(g["p_any"], 1e-7, 1 - 1e-7)
+        return {f"{split}/truth_auc": metrics_lib.auc(p_any, label),
+                f"{split}/truth_auc_per_view": metrics_lib.auc(g["p_view"], label),
+                f"{split}/truth_logloss": float(-np.mean(np.where(label, np.log(p_any),
+                                                                  np.log1p(-p_any))))}
 
 
 def _row_norms(rows, tables, k: int) -> jax.Array:
