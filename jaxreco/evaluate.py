@@ -55,7 +55,12 @@ class RankingEvaluator:
       held_out: ``(user, item)`` columns of the evaluated split's positives.
       candidates: the split's fixed candidates ``{user, item, negatives [R, n]}`` or None.
       item_side: ``{feature: int array [num_items]}`` item-side features for the model.
-      chunk_elements: bound on ``chunk × items × width`` floats per device block.
+      chunk_elements: bound on ``chunk × items`` scores per device block (and on
+        ``chunk × items × width`` floats of MLP activations without ``tower_elements``).
+      tower_elements: the MLP tower (``mlp``/``both``) runs on blocks of users whose
+        ``[users, items, width]`` activations hold about this many floats (a few MiB, so
+        they stay in cache) inside one jitted loop per chunk; ``None`` runs it on the
+        whole chunk at once (the same numbers, several times slower on CPU).
     """
 
     def __init__(self, graphdef, abstract_model, *, num_users: int, num_items: int, seen: tuple[np.ndarray, np.ndarray],
@@ -63,7 +68,7 @@ class RankingEvaluator:
                  candidates: Mapping[str, np.ndarray] | None,
                  item_side: Mapping[str, np.ndarray] | None = None,
                  ks: Sequence[int] = (10,), head: str | None = None,
-                 chunk_elements: int = 1 << 25):
+                 chunk_elements: int = 1 << 25, tower_elements: int | None = 1 << 19):
         self.graphdef = graphdef
         self.num_users, self.num_items = int(num_users), int(num_items)
         self.ks = tuple(sorted({int(k) for k in ks}))
@@ -75,6 +80,10 @@ class RankingEvaluator:
         width = max([1] + ([abstract.b_1.shape[0]] if abstract.use_mlp else []))
         self.width = width
         self.chunk_elements = int(chunk_elements)
+        self.use_mlp = bool(abstract.use_mlp)
+        # users per tower block: a power of two, so it divides the (power-of-two) chunk
+        self.tower_users = (None if tower_elements is None or not self.use_mlp else
+                            max(1, _pow2(int(tower_elements) // max(1, self.num_items * width) + 1) // 2))
         # ---- full protocol: users with a held-out item, CSR of seen items, relevant matrix
         su, si = (np.asarray(x, np.int64) for x in seen)
         order = np.lexsort((si, su))
@@ -106,10 +115,21 @@ class RankingEvaluator:
     def _user_reprs(self, model, state, users):
         return model.user_repr(_rows(model, state, {"user": users}))
 
+    def _score_all(self, model, u, items):
+        """``[C, N]`` scores of every user of ``u`` against all ``items``; the MLP tower
+        runs on blocks of ``tower_users`` users in a loop (``lax.map``)."""
+        c = jax.tree.leaves(u)[0].shape[0]
+        b = self.tower_users
+        if b is None or b >= c or c % b:
+            return model.interact(u, items, "all")[self.head]
+        ub = jax.tree.map(lambda x: x.reshape((c // b, b) + x.shape[1:]), u)
+        s = jax.lax.map(lambda blk: model.interact(blk, items, "all")[self.head], ub)
+        return s.reshape(c, s.shape[-1])
+
     def _full_chunk(self, state, items, users, seen_r, seen_c, rel, rel_mask):
         model = _model(self.graphdef, state)
         u = self._user_reprs(model, state, users)
-        scores = model.interact(u, items, "all")[self.head]
+        scores = self._score_all(model, u, items)
         c = users.shape[0]
         seen = jnp.zeros((c + 1, scores.shape[1]), bool).at[seen_r, seen_c].set(True)[:c]
         cand = ~seen
@@ -134,15 +154,27 @@ class RankingEvaluator:
                  **{f: v[:self.num_items] for f, v in self.item_side.items()}}
         return self._jit_items(state, batch)
 
-    def _chunk(self, n_cols: int) -> int:
-        return int(max(8, min(4096, self.chunk_elements // max(1, n_cols * self.width))))
+    def _chunk(self, n_cols: int, width: int | None = None) -> int:
+        w = self.width if width is None else width
+        return int(max(8, min(4096, self.chunk_elements // max(1, n_cols * w))))
+
+    def _full_chunk_users(self) -> int:
+        """Users per full-ranking chunk: at most ``chunk_elements`` scores (blocked MLP
+        tower) or activations (otherwise) per chunk, the users spread evenly over the
+        fewest such chunks (so the last one is not mostly padding), a multiple of the
+        tower block."""
+        n = max(1, len(self.users))
+        cmax = self._chunk(self.num_items, 1 if self.tower_users else None)
+        c = -(-n // -(-n // max(1, cmax)))
+        if self.tower_users:
+            c = -(-c // self.tower_users) * self.tower_users
+        return c
 
     def full(self, state) -> dict[str, float]:
         """Full ranking of every not-yet-seen item for each user with a held-out item."""
         items = self._items(state)
         users = self.users
-        c = self._chunk(self.num_items)
-        c = min(c, _pow2(len(users)))
+        c = self._full_chunk_users()
         n_chunks = math.ceil(len(users) / c)
         chunks = [users[k * c:(k + 1) * c] for k in range(n_chunks)]
         seen_counts = [int(np.sum(self.seen_start[ch + 1] - self.seen_start[ch])) for ch in chunks]

@@ -66,6 +66,33 @@ def test_chunking_does_not_change_the_metrics():
     one = _evaluator(m, graphdef, seen, held, cands).full(state)
     many = _evaluator(m, graphdef, seen, held, cands, chunk_elements=1).full(state)  # 8-user chunks
     tiny = _evaluator(m, graphdef, seen, held, cands, chunk_elements=1)
-    tiny._chunk = lambda n: 2                                          # 2-user chunks
+    tiny._chunk = lambda n, width=None: 2                              # 2-user chunks
     assert one == pytest.approx(many) and one == pytest.approx(tiny.full(state))
     assert one == pytest.approx(tiny.sampled(state))
+
+
+@pytest.mark.parametrize("combiner", ["mlp", "both"])
+def test_blocked_tower_matches_whole_chunk(combiner):
+    """The MLP tower run on 2-user blocks in a loop gives the scores and metrics of running
+    it on the whole chunk at once."""
+    import jax
+    from jaxreco.evaluate import _model
+    m, graphdef, state, seen, held, cands = _setup(combiner, seed=5)
+    whole = _evaluator(m, graphdef, seen, held, cands, tower_elements=None)
+    blocked = _evaluator(m, graphdef, seen, held, cands, tower_elements=2 * I * 8)
+    assert whole.tower_users is None and blocked.tower_users == 2
+    assert blocked._full_chunk_users() % 2 == 0
+    users = jnp.arange(U + 1) % U                   # 8 users: 4 blocks of 2
+
+    def scores(ev):
+        def f(state):
+            model = _model(graphdef, state)
+            return ev._score_all(model, ev._user_reprs(model, state, users),
+                                 ev._item_reprs(state, {"item": jnp.arange(I)}))
+        return np.asarray(jax.jit(f)(state))
+    s_whole, s_blocked = scores(whole), scores(blocked)
+    assert s_whole.shape == (U + 1, I)
+    np.testing.assert_allclose(s_blocked, s_whole, atol=1e-5, rtol=0)
+    a, b = whole.full(state), blocked.full(state)
+    for k in a:
+        assert b[k] == pytest.approx(a[k], abs=1e-5), k

@@ -13,8 +13,9 @@ so memory stays bounded however large the input (100M synthetic interactions run
 3. **k-core** – drop users and items with fewer than ``k`` interactions, repeatedly, until
    stable (one pass over the buckets' id columns per round); compact the id spaces.
 4. **split** – random / temporal (global cut-offs, exact order statistics from a streamed
-   histogram) / leave-last-out per user / given by the source; features are accumulated
-   from train rows only; each split is written as Parquet shards, one per bucket.
+   histogram) / leave-last-out per user (timestamp ties by source row order, see
+   ``split.tie_break``) / given by the source; features are accumulated from train rows
+   only; each split is written as Parquet shards, one per bucket.
 5. **negatives** – per bucket, ``N`` fixed evaluation negatives per positive val/test row,
    never a positive of that user in any split (or the source's fixed negatives).
 6. **features, vocabularies, leakage check, metadata** – ``metadata.json`` last; the whole
@@ -45,7 +46,9 @@ from jaxreco.data.dataset import DataError
 from jaxreco.data.features import FeatureAccumulator, check_leakage
 from jaxreco.data.readers import BadRow, BadRows, Source
 
-PREPARE_VERSION = 1
+# 2: leave-last-out breaks timestamp ties by source row order (``split.tie_break``), where
+#    version 1 broke them by item index; version-1 datasets are not reused.
+PREPARE_VERSION = 2
 DEFAULTS: dict[str, Any] = {
     "output_dir": None,          # default: $JAXRECO_CACHE/prepared/<dataset.name>
     "on_bad_rows": "error",      # error | skip
@@ -57,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "rating_min": None,
     "rating_max": None,
     "split": {"kind": "random", "test_fraction": 0.1, "val_fraction": 0.1, "seed": 0,
-              "num_val": 1, "num_test": 1, "min_train": 1},
+              "num_val": 1, "num_test": 1, "min_train": 1, "tie_break": "first"},
     "negatives": {"num": 99, "sampler": "uniform", "seed": 0},
     "features": {"price_buckets": 10},
     "num_buckets": None,         # default: one per ~4M input rows
@@ -314,6 +317,9 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
     ts_min, ts_max = np.iinfo(np.int64).max, np.iinfo(np.int64).min
     if policy == "aggregate":
         buckets.dtypes["count"] = "<i4"
+    # each row's position in its bucket file, which is its order in the source (a user's
+    # rows all land in one bucket, in arrival order); leave-last-out breaks ties with it
+    buckets.dtypes[_ARRIVAL] = "<i8"
     for b in progress(range(nb), desc="dedup", unit="bucket"):
         d = buckets.read(b)
         if not d:
@@ -420,10 +426,12 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
         elif kind == "leave_last_out":
             codes = split_lib.leave_last_out_codes(
                 d["user"], d.get("timestamp"), num_val=int(sp["num_val"]),
-                num_test=int(sp["num_test"]), min_train=int(sp["min_train"]))
+                num_test=int(sp["num_test"]), min_train=int(sp["min_train"]),
+                arrival=d[_ARRIVAL], tie_break=str(sp.get("tie_break", "first")))
         else:
             codes = d.pop("split").astype(np.int8)
         d.pop("split", None)
+        d.pop(_ARRIVAL, None)
         for code, name in enumerate(split_lib.SPLIT_NAMES):
             sel = np.flatnonzero(codes == code)
             if len(sel) == 0:
@@ -523,7 +531,7 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
 
     if len(bad):
         bad.write_quarantine(storage.join(stage, "quarantine.csv"))
-    schema = {c: dt for c, dt in buckets.dtypes.items() if c != "split"}
+    schema = {c: dt for c, dt in buckets.dtypes.items() if c not in ("split", _ARRIVAL)}
     return {
         "format_version": storage.FORMAT_VERSION,
         "dataset": src.name,
@@ -639,13 +647,20 @@ def _range_check(block, name, row0, bad: BadRows, ts_lo, ts_hi, r_lo, r_hi, nu, 
     return ~badmask if badmask.any() else None
 
 
+_ARRIVAL = "_arrival"  # scratch column: a row's index in its bucket file (source order)
+
+
 def _dedup(d: dict[str, np.ndarray], policy: str, ni: int, given: bool) -> dict[str, np.ndarray]:
     """Sorts a bucket by (user, item) and resolves duplicate pairs per ``policy``.
 
     ``last`` keeps, per pair, the row with the largest timestamp, ties going to the later
-    arrival (the larger row index in the bucket file, which is arrival order).
+    arrival (the larger row index in the bucket file, which is arrival order). Every kept
+    row gets its index in the bucket file as column ``_ARRIVAL`` (for ``aggregate``, the
+    index of the row whose timestamp it keeps).
     """
     n = len(d["user"])
+    d = dict(d)
+    d[_ARRIVAL] = np.arange(n, dtype=np.int64)
     key = d["user"].astype(np.int64) * ni + d["item"]
     if given:  # duplicates are resolved within each given split; keep users grouped
         key = key * 3 + d["split"]

@@ -84,24 +84,54 @@ def temporal_codes(timestamps: np.ndarray, val_cut: int, test_cut: int) -> np.nd
     return codes
 
 
-def leave_last_out_codes(user: np.ndarray, timestamp: np.ndarray | None, *, num_val: int = 1,
-                         num_test: int = 1, min_train: int = 1) -> np.ndarray:
-    """Per user, the last ``num_test`` interactions are test and the ``num_val`` before them
-    are val ("last" by timestamp; ties and missing timestamps by row order). Users with
-    fewer than ``num_test + num_val + min_train`` interactions stay entirely in train.
+TIE_BREAKS = ("first", "last")
 
-    O(n log n) in general; O(n) when ``user`` is already grouped (sorted), as in ``prepare``.
+
+def leave_last_out_codes(user: np.ndarray, timestamp: np.ndarray | None, *, num_val: int = 1,
+                         num_test: int = 1, min_train: int = 1,
+                         arrival: np.ndarray | None = None,
+                         tie_break: str = "first") -> np.ndarray:
+    """Per user, the last ``num_test`` interactions are test and the ``num_val`` before them
+    are val. Users with fewer than ``num_test + num_val + min_train`` interactions stay
+    entirely in train.
+
+    "Last" is by timestamp. Rows of one user with the same timestamp are ordered by
+    ``arrival`` (their position in the source; default: the row order here):
+
+    * ``tie_break="first"``: the row that comes *first* in the source counts as the latest,
+      i.e. the user's rows are stably sorted by timestamp, newest first, and the first
+      ``num_test`` of that order are test. This is how the NCF files (He et al. 2017,
+      ``ml-1m.test.rating``) were cut from ``ratings.dat``: 2,544 of the 6,040 ML-1M users
+      rated several movies in their last second, and for those users the held-out movie
+      is the first of them in the file.
+    * ``tie_break="last"``: the row that comes last in the source counts as the latest.
+
+    Without timestamps the row order (``arrival``) is the time order: the last rows are
+    the latest, whatever ``tie_break``.
+
+    O(n log n) in general; O(n) when ``user`` is grouped (sorted) and timestamps are given,
+    as in ``prepare``.
     """
+    if tie_break not in TIE_BREAKS:
+        raise DataError(f"split.tie_break={tie_break!r}: must be one of {TIE_BREAKS}")
     n = len(user)
     codes = np.zeros(n, np.int8)
     if n == 0:
         return codes
-    grouped = bool(np.all(user[1:] >= user[:-1]))
-    if grouped and timestamp is not None:
-        return _leave_last_out_grouped(user, np.asarray(timestamp, np.int64), num_val,
-                                       num_test, min_train)
-    t = np.zeros(n, np.int64) if timestamp is None else np.asarray(timestamp, np.int64)
-    order = np.arange(n) if grouped else np.lexsort((np.arange(n), t, user))
+    user = np.asarray(user)
+    pos = np.arange(n, dtype=np.int64) if arrival is None else np.asarray(arrival, np.int64)
+    if len(pos) != n:
+        raise DataError(f"leave_last_out: {len(pos)} arrival positions for {n} rows")
+    if timestamp is None:
+        t = np.zeros(n, np.int64)
+        second = pos
+    else:
+        t = np.asarray(timestamp, np.int64)
+        second = -pos if tie_break == "first" else pos
+        if bool(np.all(user[1:] >= user[:-1])):  # grouped by user, as in ``prepare``
+            return _leave_last_out_grouped(user, t, second, num_val, num_test, min_train)
+    # ascending (user, timestamp, tie key): each user's latest row is the last of its group
+    order = np.lexsort((second, t, user))
     u = user[order]
     starts = np.flatnonzero(np.concatenate([[True], u[1:] != u[:-1]]))
     ends = np.concatenate([starts[1:], [n]])
@@ -115,9 +145,9 @@ def leave_last_out_codes(user: np.ndarray, timestamp: np.ndarray | None, *, num_
     return codes
 
 
-def _leave_last_out_grouped(user, t, num_val, num_test, min_train) -> np.ndarray:
-    """O(n) version for rows grouped by user: pick each user's latest remaining row
-    ``num_test + num_val`` times with segment reductions instead of a sort."""
+def _leave_last_out_grouped(user, t, second, num_val, num_test, min_train) -> np.ndarray:
+    """O(n) version for rows grouped by user: pick each user's latest remaining row (largest
+    ``(t, second)``) ``num_test + num_val`` times with segment reductions instead of a sort."""
     n = len(user)
     starts = np.flatnonzero(np.concatenate([[True], user[1:] != user[:-1]]))
     size = np.diff(np.concatenate([starts, [n]]))
@@ -128,9 +158,11 @@ def _leave_last_out_grouped(user, t, num_val, num_test, min_train) -> np.ndarray
     lowest = np.iinfo(np.int64).min
     for step in range(num_test + num_val):
         masked = np.where(taken, lowest, t)
-        gmax = np.maximum.reduceat(masked, starts)
-        at_max = (masked == np.repeat(gmax, size)) & ~taken
-        last = np.maximum.reduceat(np.where(at_max, idx, -1), starts)[eligible]
+        at_max = (masked == np.repeat(np.maximum.reduceat(masked, starts), size)) & ~taken
+        key = np.where(at_max, second, lowest)
+        best = key == np.repeat(np.maximum.reduceat(key, starts), size)
+        # ``second`` is unique within a user unless arrival repeats; then the later row wins
+        last = np.maximum.reduceat(np.where(best & at_max, idx, -1), starts)[eligible]
         codes[last] = TEST if step < num_test else VAL
         taken[last] = True
     return codes
@@ -152,7 +184,8 @@ def temporal_split(x: Interactions, *, test_fraction: float,
 
 
 def leave_last_out_split(x: Interactions, *, num_val: int = 1, num_test: int = 1,
-                         min_train: int = 1) -> dict[str, Interactions]:
-    """Leave-last-out per user (see :func:`leave_last_out_codes`)."""
+                         min_train: int = 1, tie_break: str = "first") -> dict[str, Interactions]:
+    """Leave-last-out per user (see :func:`leave_last_out_codes`; ties by row order)."""
     return _by_codes(x, leave_last_out_codes(x.user, x.timestamp, num_val=num_val,
-                                             num_test=num_test, min_train=min_train))
+                                             num_test=num_test, min_train=min_train,
+                                             tie_break=tie_break))

@@ -225,13 +225,16 @@ class RatingTask:
 
 def prepared_dir(cfg: DictConfig) -> str:
     """``task.prepare.output_dir``, or a cache directory named by the dataset and a hash of
-    the dataset + prepare options (so differently prepared copies never overwrite)."""
+    the dataset + prepare options + prepare's version (so differently prepared copies, or
+    copies made by code that splits differently, never overwrite each other)."""
     prep = OmegaConf.to_container(cfg.task.prepare, resolve=True) or {}
     if prep.get("output_dir"):
         return str(prep["output_dir"])
     import hashlib
+    from jaxreco.data.prepare import PREPARE_VERSION
     ds = OmegaConf.to_container(cfg.dataset, resolve=True)
-    key = hashlib.sha256(json.dumps([ds, prep], sort_keys=True, default=str).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([ds, prep, PREPARE_VERSION], sort_keys=True,
+                                    default=str).encode()).hexdigest()
     root = os.environ.get("JAXRECO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                            "jaxreco")
     return os.path.join(root, "prepared-datasets", f"{ds['name']}-{key[:12]}")
