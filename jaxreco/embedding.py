@@ -229,15 +229,13 @@ class ShardedTables:
 
         def body(table_local, ids):
             n = table_local.shape[0]
-            if not ra:
-                return take_rows(table_local, ids)
             local = ids - self._index(ra) * n
             ok = (local >= 0) & (local < n)
             r = take_rows(table_local, local)
             return jax.lax.psum(jnp.where(ok[:, None], r, 0), ra)
 
         return jax.shard_map(body, mesh=self.mesh,
-                             in_specs=(P(ra if ra else None, None), self._batch_spec()),
+                             in_specs=(P(ra, None), self._batch_spec()),
                              out_specs=self._batch_spec(2))(table, ids)
 
     def _lookup_routed(self, tabs, ids, ra):
@@ -295,6 +293,20 @@ class ShardedTables:
                       for t in names]
         return tab_specs, slot_specs
 
+    def _shard_update(self, body, spec, pad, feats, names, tables, slots, batch, grads, step):
+        """Runs ``body(ids_parts, g_parts, tabs, sls, step) -> (tabs, sls)`` under shard_map:
+        ids and row gradients per feature laid out by ``spec`` (after ``pad``), tables and
+        slots by their row layout."""
+        tab_specs, slot_specs = self._specs(names, tables, slots)
+        f = jax.shard_map(
+            body, mesh=self.mesh,
+            in_specs=([spec()] * len(feats), [[spec(2)] * len(feats) for _ in names],
+                      tab_specs, slot_specs, P()),
+            out_specs=(tab_specs, slot_specs), check_vma=False)
+        return f([pad(batch[fe], -1) for fe in feats],
+                 [[pad(grads[t][fe], 0) for fe in feats] for t in names],
+                 [tables[t] for t in names], [slots[t] for t in names], step)
+
     def _update_masked(self, feats, ra, names, tables, slots, batch, grads, step):
         ba = self.batch_axes
 
@@ -312,15 +324,8 @@ class ShardedTables:
             return body(jnp.concatenate(ids_parts), [jnp.concatenate(p) for p in g_parts],
                         tabs, sls, step)
 
-        tab_specs, slot_specs = self._specs(names, tables, slots)
-        f = jax.shard_map(
-            body_parts, mesh=self.mesh,
-            in_specs=([self._batch_spec()] * len(feats),
-                      [[self._batch_spec(2)] * len(feats) for _ in names],
-                      tab_specs, slot_specs, P()),
-            out_specs=(tab_specs, slot_specs), check_vma=False)
-        return f([batch[f] for f in feats], [[grads[t][f] for f in feats] for t in names],
-                 [tables[t] for t in names], [slots[t] for t in names], step)
+        return self._shard_update(body_parts, self._batch_spec, lambda x, fill: x, feats, names,
+                                  tables, slots, batch, grads, step)
 
     def _update_routed(self, feats, ra, names, tables, slots, batch, grads, step):
         num_rows = tables[names[0]].shape[0]
@@ -345,16 +350,8 @@ class ShardedTables:
 
             return self._rounds(ids, num_rows, ra, one_round, (tabs, sls))
 
-        tab_specs, slot_specs = self._specs(names, tables, slots)
-        f = jax.shard_map(
-            body, mesh=self.mesh,
-            in_specs=([self._slice_spec()] * len(feats),
-                      [[self._slice_spec(2)] * len(feats) for _ in names],
-                      tab_specs, slot_specs, P()),
-            out_specs=(tab_specs, slot_specs), check_vma=False)
-        return f([self._pad(batch[f], -1) for f in feats],
-                 [[self._pad(grads[t][f], 0) for f in feats] for t in names],
-                 [tables[t] for t in names], [slots[t] for t in names], step)
+        return self._shard_update(body, self._slice_spec, self._pad, feats, names, tables, slots,
+                                  batch, grads, step)
 
     # ------------------------------------------------------------------ diagnostics
     def rounds(self, tables: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
