@@ -55,6 +55,11 @@ class EmbedMLPConfig:
     init_std: float = 0.01
     reg: float = 0.0                # λ Σ‖row‖² of the embedding rows each example touches
     bias_reg: float = 0.0
+    # implicit tasks: "positive" — each positive regularises its user, item and negative
+    # rows once; "pair" — every scored pair (the positive and each of its k negatives)
+    # regularises its user and item rows, so user-side rows count 1+k times (the per-example
+    # SGD objective of Rendle et al. 2020)
+    reg_per: str = "positive"
     row_multiple: int = 128
 
 
@@ -106,6 +111,9 @@ class TrainerConfig:
     async_checkpoint: bool = True
     progress_bar: bool = True
     max_steps: Optional[int] = None  # stop early after this many steps (smoke tests)
+    # [first, last): trace these train steps with jax.profiler into <run>/tb/plugins/profile
+    # (TensorBoard's profile tab); null: no trace
+    profile_steps: Optional[list[int]] = None
 
 
 @dataclasses.dataclass

@@ -276,12 +276,10 @@ class ShardedTables:
 
     def _apply(self, tabs, sls, local, gs, step):
         """Dedups ``local`` (row ids, ``n`` = none) and applies the row optimizer per table."""
-        n = tabs[0].shape[0]
-        m = local.shape[0]
-        uids, inv = unique_inverse(local, n)
+        uids, inv = unique_inverse(local, tabs[0].shape[0])
         outs_t, outs_s = [], []
         for tab, sl, gx in zip(tabs, sls, gs):
-            ug = jax.ops.segment_sum(gx, inv, num_segments=m)
+            ug = jax.ops.segment_sum(gx, inv, num_segments=uids.shape[0])
             nt, ns = self.row_opt.apply(tab, sl, uids, ug, step)
             outs_t.append(nt)
             outs_s.append(ns)

@@ -70,14 +70,21 @@ def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
 
 
 def unique_inverse(ids: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
-    """``jnp.unique(ids, size=n, fill_value=num_rows, return_inverse=True)`` for ids in
-    ``[0, num_rows]`` (others count as ``num_rows``), with one single-operand sort."""
+    """``jnp.unique(ids, size=m, fill_value=num_rows, return_inverse=True)`` for ids in
+    ``[0, num_rows]`` (others count as ``num_rows``), with one single-operand sort.
+
+    ``m = min(len(ids), num_rows + 1)``: a batch cannot touch more distinct rows than the
+    table has (plus the padding id), so on a small table (a catalogue of a few thousand
+    items looked up by a batch with many sampled negatives) the unique buffer, and every
+    per-unique-row array built from it, is the table's size, not the batch's.
+    """
     n = ids.shape[0]
+    m = min(n, num_rows + 1)
     ids = jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows)
     skey, pos = sort_positions(ids, num_rows)
     first = jnp.concatenate([jnp.ones((1,), bool), skey[1:] != skey[:-1]])
     uidx = jnp.cumsum(first.astype(jnp.int32)) - 1
-    uids = jnp.full((n,), num_rows, jnp.int32).at[jnp.where(first, uidx, n)].set(
+    uids = jnp.full((m,), num_rows, jnp.int32).at[jnp.where(first, uidx, m)].set(
         skey, mode="drop")
     return uids, uidx[pos]
 
@@ -89,13 +96,13 @@ def dedup(ids: jax.Array, grads: jax.Array, num_rows: int) -> tuple[jax.Array, j
       ids: int [n] row ids, possibly repeated; ids outside ``[0, num_rows)`` are ignored.
       grads: [n, dim] per-occurrence gradients.
     Returns:
-      ``(uids [n], ugrads [n, dim])``; slots past the number of distinct ids hold id
+      ``(uids [m], ugrads [m, dim])`` with ``m = min(n, num_rows + 1)``; slots past the
+      number of distinct ids hold id
       ``num_rows`` (out of range: gathers clamp, scatters with ``mode='drop'`` ignore them)
       and zero gradient.
     """
-    n = ids.shape[0]
     uids, inv = unique_inverse(ids, num_rows)
-    ugrads = jax.ops.segment_sum(grads, inv, num_segments=n)
+    ugrads = jax.ops.segment_sum(grads, inv, num_segments=uids.shape[0])
     return uids, ugrads
 
 

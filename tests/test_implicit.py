@@ -86,3 +86,19 @@ def test_implicit_training_beats_chance_is_deterministic_and_resumes(tmp_path, m
     e = json.loads((tmp_path / "a" / "eval.json").read_text())
     for k in ("test/hr@10", "test/ndcg@10", "test/full/hr@10", "test/full/mrr"):
         assert e[k] == pytest.approx(a[k], abs=1e-9), k
+
+
+def test_pair_regularisation_counts_user_rows_once_per_scored_pair():
+    import jax.numpy as jnp
+
+    from jaxreco.train.loop import _row_norms
+
+    k = 3
+    rows = {"user_mf": {"user": jnp.full((2, 4), 1.0)},
+            "item_mf": {"item": jnp.full((2, 4), 2.0), "neg_item": jnp.full((2 * k, 4), 0.5)}}
+    per_positive = _row_norms(rows, ("user_mf", "item_mf"), k)
+    per_pair = _row_norms(rows, ("user_mf", "item_mf"), k, item_side={"item"},
+                          user_weight=1 + k)
+    # ‖p_u‖² = 4, ‖q_i‖² = 16, each negative 1: 4 + 16 + 3 = 23; per pair 4·(1+k) + 16 + 3
+    np.testing.assert_allclose(per_positive, [23.0, 23.0])
+    np.testing.assert_allclose(per_pair, [35.0, 35.0])

@@ -31,8 +31,10 @@ def _scalars(logdir, tag):
 
 
 def test_train_smoke_loss_falls_and_writes_run_dir(tmp_path, ml_dir):
-    p, out = _train(tmp_path, ml_dir)
+    p, out = _train(tmp_path, ml_dir, "trainer.profile_steps=[2,4]")
     assert p.returncode == 0, p.stderr[-3000:]
+    # the profiled steps land where TensorBoard's profile tab looks for them
+    assert list((out / "tb" / "plugins" / "profile").glob("*/*.xplane.pb"))
     m = json.loads((out / "metrics.json").read_text())
     assert KEYS <= set(m)
     assert m["train/steps"] > 0 and 0.0 < m["test/rmse"] < 1.5
@@ -65,6 +67,7 @@ def test_rerun_is_deterministic_and_resume_continues(tmp_path, ml_dir):
     (["dataset=nope"], "Could not find 'dataset/nope'"),
     (["trainer.batch_size=abc"], "could not be converted to Integer"),
     (["dataset.path=/nonexistent/dir"], "dataset.path='/nonexistent/dir': no such directory"),
+    (["trainer.profile_steps=[5,2]"], "trainer.profile_steps=[5, 2]: must be [first, last)"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, ml_dir, override, message):
     out = tmp_path / "bad"

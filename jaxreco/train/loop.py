@@ -41,6 +41,7 @@ from jaxreco import evaluate as evaluate_lib, losses, metrics as metrics_lib, mo
 from jaxreco.checkpoint import Checkpointer, abstract_like
 from jaxreco.data import pipeline, registry, split as split_lib
 from jaxreco.data.dataset import Interactions
+from jaxreco.data.negatives import PositiveSet
 from jaxreco.embedding import ShardedTables
 from jaxreco.sharding import batch_sharding, make_mesh
 from jaxreco.train.state import create_state, table_axes
@@ -312,7 +313,8 @@ class PreparedTask:
                          if self.kind == "implicit" else ("test/auc", "test/logloss"))
         # negative sampling tables
         ui = self.train_cols
-        self.pos_keys = np.unique(ui["user"].astype(np.int64) * self.num_items + ui["item"])
+        self.positives = PositiveSet(
+            np.unique(ui["user"].astype(np.int64) * self.num_items + ui["item"]))
         counts = np.bincount(ui["item"], minlength=self.num_items).astype(np.float64)
         if cfg.task.sampler == "popularity":
             w = counts ** float(cfg.task.pop_alpha)
@@ -367,13 +369,19 @@ class PreparedTask:
         emb = tuple(abstract_model.embedding_tables)
         bias_t = tuple(t for t in abstract_model.table_features if t not in emb)
         k = int(tc.num_negatives)
+        reg_per = mc.get("reg_per", "positive")
+        if reg_per not in ("positive", "pair"):
+            raise ValueError(f"model.reg_per={reg_per!r}: must be 'positive' or 'pair'")
+        # user-side rows are shared by the positive and its k negatives
+        user_weight = 1 + k if self.kind == "implicit" and reg_per == "pair" else 1
+        item_side = set(abstract_model.item_features)
 
         def reg_term(rows):
             r = 0.0
             if mc.reg:
-                r = r + mc.reg * _row_norms(rows, emb, k)
+                r = r + mc.reg * _row_norms(rows, emb, k, item_side, user_weight)
             if mc.bias_reg and bias_t:
-                r = r + mc.bias_reg * _row_norms(rows, bias_t, k)
+                r = r + mc.bias_reg * _row_norms(rows, bias_t, k, item_side, user_weight)
             return r
 
         if self.kind == "implicit":
@@ -412,13 +420,12 @@ class PreparedTask:
         neg = draw(n)
         if self.tc.exclude_positives:
             uu = np.repeat(users.astype(np.int64), k)
-            for _ in range(20):
-                keys = uu * ni + neg
-                at = np.minimum(np.searchsorted(self.pos_keys, keys), len(self.pos_keys) - 1)
-                bad = np.flatnonzero(self.pos_keys[at] == keys)
+            bad = np.flatnonzero(self.positives.contains(uu * ni + neg))
+            for _ in range(20):            # only the redrawn slots are checked again
                 if not len(bad):
                     break
                 neg[bad] = draw(len(bad))
+                bad = bad[self.positives.contains(uu[bad] * ni + neg[bad])]
         return neg.astype(np.int32)
 
     def _add_side(self, batch, prefix=""):
@@ -513,14 +520,29 @@ class PreparedTask:
                                                                   np.log1p(-p_any))))}
 
 
-def _row_norms(rows, tables, k: int) -> jax.Array:
-    """Per-positive ``Σ‖row‖²`` over ``tables``; ``neg_*`` rows ([B·k]) summed per positive."""
+def _profile_window(steps) -> tuple[int, int] | None:
+    """``trainer.profile_steps`` checked: ``[first, last)`` with ``0 <= first < last``."""
+    if steps is None:
+        return None
+    steps = list(steps)
+    if (len(steps) != 2 or not all(isinstance(s, int) for s in steps)
+            or not 0 <= steps[0] < steps[1]):
+        raise ValueError(f"trainer.profile_steps={steps}: must be [first, last) with "
+                         "0 <= first < last (train step numbers)")
+    return steps[0], steps[1]
+
+
+def _row_norms(rows, tables, k: int, item_side=(), user_weight: int = 1) -> jax.Array:
+    """Per-positive ``Σ‖row‖²`` over ``tables``; ``neg_*`` rows ([B·k]) summed per positive;
+    rows of features other than the item's (``item_side``) weighted by ``user_weight``."""
     total = 0.0
     for t in tables:
         for f, r in rows[t].items():
             sq = jnp.sum(r * r, axis=-1)
             if f.startswith("neg_"):
                 sq = jnp.sum(sq.reshape(-1, k), axis=-1)
+            elif user_weight != 1 and f not in item_side:
+                sq = user_weight * sq
             total = total + sq
     return total
 
@@ -536,6 +558,7 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     if not is_main:                       # one voice: other processes log warnings only
         log.setLevel(logging.WARNING)
     tc = cfg.trainer
+    profile = _profile_window(tc.profile_steps)
 
     # ------------------------------------------------------------------ data
     kind = cfg.task.kind
@@ -603,6 +626,10 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     t_mark, examples_since = time.time(), 0
     stopped_early = step < total_steps and loop["bad_epochs"] >= tc.patience
     preemption = PreemptionWatcher()
+    if profile and profile[1] > total_steps:
+        raise ValueError(f"trainer.profile_steps={list(profile)}: the run has only "
+                         f"{total_steps} steps")
+    tracing = False
 
     def flush_losses() -> None:
         if pending:
@@ -611,11 +638,20 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
             pending.clear()
 
     while step < total_steps and not stopped_early:
+        if profile and step == profile[0]:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(str(workdir / "tb"))
+            tracing = True
         batch = _to_global(task.transform(next(data_iter), step, shard_index), in_sharding)
         state, m = train_step(state, batch)
         if sync_each_step:
             jax.block_until_ready(state)
         step += 1
+        if tracing and step == profile[1]:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            tracing = False
+            log.info("profiled steps [%d, %d) -> %s", profile[0], profile[1], workdir / "tb")
         pending.append(m["loss"])
         examples_since += tc.batch_size
         bar.update(1)
@@ -676,6 +712,8 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
             log.warning("preempted (SIGTERM): saved step %d to %s; rerun the same command "
                         "to resume", step, ckpt.directory if ckpt else "(checkpointing off)")
             raise SystemExit(0)
+    if tracing:                            # stopped early inside the profiled window
+        jax.profiler.stop_trace()
     bar.close()
     preemption.close()
 
