@@ -18,6 +18,8 @@ usual choice for embeddings (TF ``LazyAdam``, FBGEMM's row-wise optimizers).
                     a ← a + mean_j g_j²;   w ← w − η g / (√a + ε)
 * ``lazy_adam``:    m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
                     w ← w − η m̂ / (√v̂ + ε) with global-step bias correction.
+* ``adam``:         the same on *every* row (untouched rows have g = 0 but still move with
+                    their momentum): dense Adam, ``O(rows · dim)`` per step, for small tables.
 """
 
 from __future__ import annotations
@@ -169,8 +171,26 @@ def lazy_adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) 
     return RowOptimizer("lazy_adam", init, apply)
 
 
+def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> RowOptimizer:
+    """Dense Adam on the whole table: every row's moments decay and every row moves each
+    step (as Keras/TF1 Adam did on embedding tables, e.g. the NCF reference code). Costs
+    ``O(rows · dim)`` per step: for tables of thousands of rows, not for large catalogues."""
+    def init(table):
+        return {"m": jnp.zeros_like(table), "v": jnp.zeros_like(table)}
+
+    def apply(table, slots, uids, g, step):
+        grad = jnp.zeros_like(table).at[uids].add(g.astype(table.dtype), mode="drop")
+        m = b1 * slots["m"] + (1 - b1) * grad
+        v = b2 * slots["v"] + (1 - b2) * grad * grad
+        t = (step + 1).astype(jnp.float32)
+        w = table - lr * (m / (1 - b1 ** t)) / (jnp.sqrt(v / (1 - b2 ** t)) + eps)
+        return w, {"m": m, "v": v}
+
+    return RowOptimizer("adam", init, apply)
+
+
 ROW_OPTIMIZERS: dict[str, Callable[..., RowOptimizer]] = {
-    "sgd": sgd, "adagrad": adagrad, "lazy_adam": lazy_adam,
+    "sgd": sgd, "adagrad": adagrad, "lazy_adam": lazy_adam, "adam": adam,
 }
 
 

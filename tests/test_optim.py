@@ -82,3 +82,18 @@ def test_sparse_update_cost_does_not_touch_whole_table():
     mem = compiled.memory_analysis()
     table_bytes = rows * DIM * 4
     assert mem.temp_size_in_bytes < table_bytes / 10, mem
+
+
+def test_dense_adam_equals_optax_adam_on_every_row():
+    table, ids, grads, dense_grad = _case()
+    opt = optim.row_optimizer("adam", lr=0.1)
+    slots, tx = opt.init(table), optax.adam(0.1, eps=1e-8)
+    dense_state = tx.init(table)
+    t_rows, t_dense = table, table
+    # step 2 touches other rows: rows touched only earlier keep moving with their momentum
+    for step, (i, g) in enumerate([(ids, grads), (ids, grads), (ids[:2] + 1, grads[:2])]):
+        t_rows, slots = opt.update(t_rows, slots, i, g, jnp.int32(step))
+        upd, dense_state = tx.update(jnp.zeros_like(table).at[i].add(g), dense_state, t_dense)
+        t_dense = optax.apply_updates(t_dense, upd)
+    np.testing.assert_allclose(t_rows, t_dense, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(t_rows[11], table[11])   # touched at steps 0-1 only, still moved
