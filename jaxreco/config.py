@@ -60,6 +60,10 @@ class EmbedMLPConfig:
     # regularises its user and item rows, so user-side rows count 1+k times (the per-example
     # SGD objective of Rendle et al. 2020)
     reg_per: str = "positive"
+    # NeuMF pre-training from a GMF and an MLP run directory (jaxreco/train/pretrained.py)
+    pretrained_gmf: Optional[str] = None
+    pretrained_mlp: Optional[str] = None
+    pretrained_alpha: float = 0.5
     row_multiple: int = 128
 
 

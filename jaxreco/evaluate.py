@@ -21,7 +21,7 @@ item representations are computed once per evaluation, so a user chunk costs one
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -282,10 +282,20 @@ def head_labels(cols: Mapping[str, np.ndarray], head: str, label_column: str = "
     raise ValueError(f"model.heads: {head!r} has no label (click, purchase or rating)")
 
 
-def evaluate_run(workdir: str, *, step: int | None = None, full: bool = True) -> dict[str, float]:
-    """Re-evaluates a finished ``jaxreco-train`` run from its ``config.yaml`` and checkpoint
-    (the best step in ``metrics.json``, else ``step``, else the latest): the same figures
-    its ``metrics.json`` holds for the same step (``full=False`` skips full ranking)."""
+class RestoredRun(NamedTuple):
+    cfg: Any
+    task: Any
+    graphdef: Any
+    state: Any
+    step: int
+    model_fn: Any
+    mesh: Any
+
+
+def restore_run(workdir: str, *, step: int | None = None, full: bool = True) -> RestoredRun:
+    """A finished ``jaxreco-train`` run restored: its
+    ``config.yaml`` and checkpoint (the best step in ``metrics.json``, else ``step``, else
+    the latest), on a mesh of its config's shape."""
     import json
     from pathlib import Path
 
@@ -319,7 +329,16 @@ def evaluate_run(workdir: str, *, step: int | None = None, full: bool = True) ->
     step = step if step in steps else max(steps)
     state, _ = ckpt.restore(step, abstract_like(state, shardings))
     ckpt.close()
+    return RestoredRun(cfg, task, graphdef, state, step, model_fn, mesh)
+
+
+def evaluate_run(workdir: str, *, step: int | None = None, full: bool = True) -> dict[str, float]:
+    """Re-evaluates a finished ``jaxreco-train`` run from its ``config.yaml`` and checkpoint
+    (the best step in ``metrics.json``, else ``step``, else the latest): the same figures
+    its ``metrics.json`` holds for the same step (``full=False`` skips full ranking)."""
     from jaxreco.sharding import batch_sharding
-    task.setup(graphdef, None, nnx.eval_shape(model_fn), batch_sharding(mesh, dict(cfg.mesh.rules)),
-               mesh)
-    return {"step": step, **task.final(state)}
+
+    r = restore_run(workdir, step=step, full=full)
+    r.task.setup(r.graphdef, None, nnx.eval_shape(r.model_fn),
+                 batch_sharding(r.mesh, dict(r.cfg.mesh.rules)), r.mesh)
+    return {"step": r.step, **r.task.final(r.state)}

@@ -102,3 +102,43 @@ def test_pair_regularisation_counts_user_rows_once_per_scored_pair():
     # ‖p_u‖² = 4, ‖q_i‖² = 16, each negative 1: 4 + 16 + 3 = 23; per pair 4·(1+k) + 16 + 3
     np.testing.assert_allclose(per_positive, [23.0, 23.0])
     np.testing.assert_allclose(per_pair, [35.0, 35.0])
+
+
+def _scores(run_dir, users, items):
+    from flax import nnx
+
+    from jaxreco.evaluate import restore_run
+    from jaxreco.models.layers import gather_rows
+
+    r = restore_run(str(run_dir), full=False)
+    model = nnx.merge(r.graphdef, r.state.tables, r.state.dense)
+    batch = {"user": users, "item": items}
+    feats = {t: tuple(f for f in fs if f in batch) for t, fs in model.table_features.items()}
+    return np.asarray(model.score(gather_rows(r.state.table_values(), batch, feats), batch))
+
+
+def test_neumf_pretrained_from_gmf_and_mlp_runs_scores_their_mixture(tmp_path, ml_dir):
+    mlp = ["model.combiner=mlp", "model.dim=8", "model.mlp_dims=[16,8]", "model.bias=false"]
+    _train(tmp_path, ml_dir, "model.combiner=gmf", "model.bias=false", "trainer.epochs=2",
+           run="gmf")
+    _train(tmp_path, ml_dir, *mlp, "trainer.epochs=2", run="mlp")
+    # learning rates 0: the NeuMF run keeps its initial (pre-trained) parameters
+    _train(tmp_path, ml_dir, "model.combiner=both", "model.dim=8", "model.mlp_dims=[16,8]",
+           "model.bias=false", "trainer.epochs=1", "optimizer.lr=0", "optimizer.dense_lr=0",
+           f"model.pretrained_gmf={tmp_path / 'gmf'}", f"model.pretrained_mlp={tmp_path / 'mlp'}",
+           "model.pretrained_alpha=0.3",
+           run="neumf")
+    import jax.numpy as jnp
+    users, items = jnp.arange(40, dtype=jnp.int32), jnp.arange(40, dtype=jnp.int32) * 5
+    want = 0.3 * _scores(tmp_path / "gmf", users, items) + 0.7 * _scores(tmp_path / "mlp",
+                                                                         users, items)
+    np.testing.assert_allclose(_scores(tmp_path / "neumf", users, items), want, rtol=1e-5,
+                               atol=1e-5)
+    # a run of another combiner is refused with the field and the run named
+    out = tmp_path / "bad"
+    p = run_cli(["jaxreco.cli.train", f"dataset.path={ml_dir}", f"hydra.run.dir={out}", *COMMON,
+                 "model.combiner=both", "model.dim=8", "model.mlp_dims=[16,8]",
+                 f"model.pretrained_gmf={tmp_path / 'mlp'}", f"model.pretrained_mlp={tmp_path / 'mlp'}"],
+                cwd=tmp_path, env_extra={"JAXRECO_CACHE": str(tmp_path / "cache")})
+    assert p.returncode != 0 and "model.pretrained_gmf=" in p.stderr
+    assert "combiner='mlp'" in p.stderr

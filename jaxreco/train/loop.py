@@ -607,6 +607,9 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
         if restored is not None:
             state, loop = restored
             log.info("resumed from %s step %d", ckpt.directory, loop["step"])
+    if loop["step"] == 0 and (cfg.model.get("pretrained_gmf") or cfg.model.get("pretrained_mlp")):
+        from jaxreco.train.pretrained import neumf_from_runs
+        state = neumf_from_runs(state, cfg)
 
     # ------------------------------------------------------------------ compile
     train_step = jax.jit(make_train_step(graphdef, tables, loss_fn, dense_tx),
