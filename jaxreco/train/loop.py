@@ -557,6 +557,10 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     is_main = jax.process_index() == 0
     if not is_main:                       # one voice: other processes log warnings only
         log.setLevel(logging.WARNING)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"missing mandatory config values (???): {', '.join(missing)}; set "
+                         "them on the command line, e.g. " + f"{missing[0]}=...")
     tc = cfg.trainer
     profile = _profile_window(tc.profile_steps)
 
