@@ -100,6 +100,7 @@ class OptimizerConfig:
     lr: float = 0.002
     dense_name: str = "adam"        # optax optimizer of the dense parameters
     dense_lr: float = 0.001
+    schedule: str = "constant"      # constant | linear | cosine: both rates decay to 0 at the last step
 
 
 @dataclasses.dataclass

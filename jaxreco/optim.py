@@ -125,6 +125,25 @@ class RowOptimizer:
         return self.apply(table, slots, uids, ugrads, step)
 
 
+def lr_at(lr, step):
+    """The learning rate at ``step``: ``lr`` itself, or ``lr(step)`` for a schedule."""
+    return lr(step) if callable(lr) else lr
+
+
+def schedule(lr: float, kind: str, total_steps: int):
+    """``constant`` (the float ``lr``), or ``linear`` / ``cosine`` decay from ``lr`` to 0 at
+    ``total_steps`` (an optax schedule of the step)."""
+    if kind == "constant":
+        return lr
+    if total_steps < 1:
+        raise ValueError(f"optimizer.schedule={kind!r} needs a run of at least one step")
+    if kind == "linear":
+        return optax.linear_schedule(lr, 0.0, total_steps)
+    if kind == "cosine":
+        return optax.cosine_decay_schedule(lr, total_steps)
+    raise ValueError(f"optimizer.schedule={kind!r}: must be constant, linear or cosine")
+
+
 def _rows(x: jax.Array, ids: jax.Array) -> jax.Array:
     return x.at[ids].get(mode="clip")
 
@@ -138,7 +157,7 @@ def sgd(lr: float) -> RowOptimizer:
         return {}
 
     def apply(table, slots, uids, g, step):
-        return table.at[uids].add((-lr * g).astype(table.dtype), mode="drop"), slots
+        return table.at[uids].add((-lr_at(lr, step) * g).astype(table.dtype), mode="drop"), slots
 
     return RowOptimizer("sgd", init, apply)
 
@@ -149,7 +168,7 @@ def adagrad(lr: float, eps: float = 1e-8, initial_accumulator: float = 0.0) -> R
 
     def apply(table, slots, uids, g, step):
         acc = _rows(slots["acc"], uids) + jnp.mean(g * g, axis=-1)
-        w = _rows(table, uids) - lr * g / (jnp.sqrt(acc)[:, None] + eps)
+        w = _rows(table, uids) - lr_at(lr, step) * g / (jnp.sqrt(acc)[:, None] + eps)
         return _put(table, uids, w), {"acc": _put(slots["acc"], uids, acc)}
 
     return RowOptimizer("adagrad", init, apply)
@@ -165,7 +184,7 @@ def lazy_adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) 
         t = (step + 1).astype(jnp.float32)
         mhat = m / (1 - b1 ** t)
         vhat = v / (1 - b2 ** t)
-        w = _rows(table, uids) - lr * mhat / (jnp.sqrt(vhat) + eps)
+        w = _rows(table, uids) - lr_at(lr, step) * mhat / (jnp.sqrt(vhat) + eps)
         return _put(table, uids, w), {"m": _put(slots["m"], uids, m), "v": _put(slots["v"], uids, v)}
 
     return RowOptimizer("lazy_adam", init, apply)
@@ -183,7 +202,7 @@ def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Ro
         m = b1 * slots["m"] + (1 - b1) * grad
         v = b2 * slots["v"] + (1 - b2) * grad * grad
         t = (step + 1).astype(jnp.float32)
-        w = table - lr * (m / (1 - b1 ** t)) / (jnp.sqrt(v / (1 - b2 ** t)) + eps)
+        w = table - lr_at(lr, step) * (m / (1 - b1 ** t)) / (jnp.sqrt(v / (1 - b2 ** t)) + eps)
         return w, {"m": m, "v": v}
 
     return RowOptimizer("adam", init, apply)
@@ -201,8 +220,8 @@ def row_optimizer(name: str, **kwargs: Any) -> RowOptimizer:
     return ROW_OPTIMIZERS[name](**kwargs)
 
 
-def dense_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """optax chain for the dense (non-table) parameters."""
+def dense_optimizer(name: str, lr, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """optax chain for the dense (non-table) parameters (``lr``: a float or a schedule)."""
     if name == "adam":
         return optax.adam(lr)
     if name == "adamw":

@@ -97,3 +97,15 @@ def test_dense_adam_equals_optax_adam_on_every_row():
         t_dense = optax.apply_updates(t_dense, upd)
     np.testing.assert_allclose(t_rows, t_dense, rtol=1e-5, atol=1e-6)
     assert not np.allclose(t_rows[11], table[11])   # touched at steps 0-1 only, still moved
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "lazy_adam", "adam"])
+def test_decaying_schedule_scales_the_step(name):
+    table, ids, grads, _ = _case()
+    const = optim.row_optimizer(name, lr=0.1)
+    lin = optim.row_optimizer(name, lr=optim.schedule(0.1, "linear", 10))
+    at = lambda opt, step: opt.update(table, opt.init(table), ids, grads, jnp.int32(step))[0]  # noqa: E731
+    np.testing.assert_allclose(at(lin, 0), at(const, 0), rtol=1e-6)    # full rate at step 0
+    np.testing.assert_allclose(at(lin, 10), table, rtol=1e-6)          # zero at the end
+    with pytest.raises(ValueError, match="optimizer.schedule='step'"):
+        optim.schedule(0.1, "step", 10)

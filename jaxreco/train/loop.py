@@ -575,8 +575,16 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     mesh = make_mesh(cfg.mesh.axes)
     rules = dict(cfg.mesh.rules)
     model_fn = task.model_fn()
-    row_opt = optim.row_optimizer(cfg.optimizer.name, lr=cfg.optimizer.lr)
-    dense_tx = optim.dense_optimizer(cfg.optimizer.dense_name, cfg.optimizer.dense_lr)
+    n_train = len(next(iter(train_cols.values())))
+    steps_per_epoch = pipeline.batches_per_epoch(n_train, tc.batch_size)
+    # rates decay over the configured epochs (not max_steps: a run stopped early and resumed
+    # follows the same schedule as an uninterrupted one)
+    sched = cfg.optimizer.get("schedule", "constant")
+    table_lr = optim.schedule(cfg.optimizer.lr, sched, tc.epochs * steps_per_epoch)
+    row_opt = optim.row_optimizer(cfg.optimizer.name, lr=table_lr)
+    dense_tx = optim.dense_optimizer(
+        cfg.optimizer.dense_name,
+        optim.schedule(cfg.optimizer.dense_lr, sched, tc.epochs * steps_per_epoch))
     graphdef, state, shardings = create_state(model_fn, row_opt, dense_tx, mesh, rules)
     abstract_model = nnx.eval_shape(model_fn)
     table_features = dict(abstract_model.table_features)
@@ -584,8 +592,6 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     loss_fn = task.loss_fn(abstract_model)
 
     # ------------------------------------------------------------------ input pipeline
-    n_train = len(next(iter(train_cols.values())))
-    steps_per_epoch = pipeline.batches_per_epoch(n_train, tc.batch_size)
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
@@ -672,7 +678,7 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
             train_examples += examples_since
             writer.scalars(step, {"train/loss": loop["last_loss"],
                                   "perf/examples_per_sec": examples_since / max(dt, 1e-9),
-                                  "learning/lr": cfg.optimizer.lr})
+                                  "learning/lr": float(optim.lr_at(table_lr, step))})
             bar.set_postfix(loss=f"{loop['last_loss']:.4f}")
             t_mark, examples_since = time.time(), 0
         loop["step"] = step
