@@ -68,6 +68,7 @@ def test_rerun_is_deterministic_and_resume_continues(tmp_path, ml_dir):
     (["trainer.batch_size=abc"], "could not be converted to Integer"),
     (["dataset.path=/nonexistent/dir"], "dataset.path='/nonexistent/dir': no such directory"),
     (["trainer.profile_steps=[5,2]"], "trainer.profile_steps=[5, 2]: must be [first, last)"),
+    (["model.init_std=???"], "missing mandatory config values (???): model.init_std"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, ml_dir, override, message):
     out = tmp_path / "bad"
