@@ -96,11 +96,15 @@ class TaskConfig:
 
 @dataclasses.dataclass
 class OptimizerConfig:
-    name: str = "lazy_adam"         # row-sparse optimizer of the tables: sgd|adagrad|lazy_adam
+    name: str = "lazy_adam"         # tables: sgd|adagrad|lazy_adam|adam (row-sparse) or ials
     lr: float = 0.002
     dense_name: str = "adam"        # optax optimizer of the dense parameters
     dense_lr: float = 0.001
     schedule: str = "constant"      # constant | linear | cosine: both rates decay to 0 at the last step
+    # name=ials only (jaxreco/train/ials.py): α₀, the weight of every unobserved pair, and ν,
+    # the exponent of the frequency-scaled regularization λ(|I_u| + α₀|I|)^ν (λ = model.reg)
+    unobserved_weight: float = 0.3
+    reg_exponent: float = 1.0
 
 
 @dataclasses.dataclass

@@ -20,6 +20,8 @@ usual choice for embeddings (TF ``LazyAdam``, FBGEMM's row-wise optimizers).
                     w ← w − η m̂ / (√v̂ + ε) with global-step bias correction.
 * ``adam``:         the same on *every* row (untouched rows have g = 0 but still move with
                     their momentum): dense Adam, ``O(rows · dim)`` per step, for small tables.
+* ``ials``:         not a gradient optimizer: alternating least squares over whole tables,
+                    one solve per epoch (``jaxreco.train.ials``).
 """
 
 from __future__ import annotations
@@ -208,8 +210,21 @@ def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Ro
     return RowOptimizer("adam", init, apply)
 
 
+def ials(lr: Any = None) -> RowOptimizer:
+    """No per-batch update: ``optimizer=ials`` solves whole tables once per epoch
+    (``jaxreco.train.ials``); the trainer never calls ``apply``."""
+    def init(table):
+        return {}
+
+    def apply(table, slots, uids, g, step):
+        raise ValueError("optimizer.name='ials' has no gradient update: the trainer solves "
+                         "the tables with jaxreco.train.ials")
+
+    return RowOptimizer("ials", init, apply)
+
+
 ROW_OPTIMIZERS: dict[str, Callable[..., RowOptimizer]] = {
-    "sgd": sgd, "adagrad": adagrad, "lazy_adam": lazy_adam, "adam": adam,
+    "sgd": sgd, "adagrad": adagrad, "lazy_adam": lazy_adam, "adam": adam, "ials": ials,
 }
 
 

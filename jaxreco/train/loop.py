@@ -576,7 +576,13 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     rules = dict(cfg.mesh.rules)
     model_fn = task.model_fn()
     n_train = len(next(iter(train_cols.values())))
-    steps_per_epoch = pipeline.batches_per_epoch(n_train, tc.batch_size)
+    # optimizer=ials: one step = one epoch of alternating least squares over whole tables
+    solver = cfg.optimizer.name == "ials"
+    if solver and kind != "implicit":
+        raise ValueError(f"optimizer=ials fits implicit feedback; task.kind={kind!r} needs a "
+                         "gradient optimizer (sgd, adagrad, lazy_adam, adam)")
+    steps_per_epoch = 1 if solver else pipeline.batches_per_epoch(n_train, tc.batch_size)
+    examples_per_step = n_train if solver else tc.batch_size
     # rates decay over the configured epochs (not max_steps: a run stopped early and resumed
     # follows the same schedule as an uninterrupted one)
     sched = cfg.optimizer.get("schedule", "constant")
@@ -622,9 +628,31 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
         state = neumf_from_runs(state, cfg)
 
     # ------------------------------------------------------------------ compile
-    train_step = jax.jit(make_train_step(graphdef, tables, loss_fn, dense_tx),
-                         in_shardings=(shardings, in_sharding),
-                         out_shardings=(shardings, None), donate_argnums=0)
+    if solver:
+        from jax.sharding import NamedSharding, PartitionSpec
+        from jaxreco.train import ials
+        ut, it = ials.check_model(cfg.model, abstract_model)
+        dim = int(abstract_model.user_mf.shape[1])
+        users = ials.group_rows(train_cols["user"], train_cols["item"], task.num_users,
+                                task.num_items, pad_row=int(abstract_model.user_mf.shape[0]),
+                                dim=dim)
+        items = ials.group_rows(train_cols["item"], train_cols["user"], task.num_items,
+                                task.num_users, pad_row=int(abstract_model.item_mf.shape[0]),
+                                dim=dim)
+        oc = cfg.optimizer
+        ials_data = jax.device_put(ials.epoch_data(users, items),
+                                   NamedSharding(mesh, PartitionSpec()))
+        train_step = jax.jit(ials.make_epoch(users, items, user_table=ut, item_table=it,
+                                             alpha0=float(oc.unobserved_weight),
+                                             reg=float(cfg.model.reg),
+                                             nu=float(oc.reg_exponent)),
+                             out_shardings=(shardings, None), donate_argnums=0)
+        log.info("ials: %d users, %d items, %d positives (%d padded slots per half-epoch)",
+                 task.num_users, task.num_items, users.nnz, max(users.padded, items.padded))
+    else:
+        train_step = jax.jit(make_train_step(graphdef, tables, loss_fn, dense_tx),
+                             in_shardings=(shardings, in_sharding),
+                             out_shardings=(shardings, None), donate_argnums=0)
     task.setup(graphdef, tables, abstract_model, in_sharding, mesh)
     # Fake CPU devices share cores; bounding in-flight steps keeps collectives from timing out.
     sync_each_step = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
@@ -655,8 +683,11 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
             jax.block_until_ready(state)
             jax.profiler.start_trace(str(workdir / "tb"))
             tracing = True
-        batch = _to_global(task.transform(next(data_iter), step, shard_index), in_sharding)
-        state, m = train_step(state, batch)
+        if solver:
+            state, m = train_step(state, ials_data)
+        else:
+            batch = _to_global(task.transform(next(data_iter), step, shard_index), in_sharding)
+            state, m = train_step(state, batch)
         if sync_each_step:
             jax.block_until_ready(state)
         step += 1
@@ -666,7 +697,7 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
             tracing = False
             log.info("profiled steps [%d, %d) -> %s", profile[0], profile[1], workdir / "tb")
         pending.append(m["loss"])
-        examples_since += tc.batch_size
+        examples_since += examples_per_step
         bar.update(1)
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
         if step % tc.log_every_steps == 0 or end_of_epoch:
@@ -678,7 +709,8 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
             train_examples += examples_since
             writer.scalars(step, {"train/loss": loop["last_loss"],
                                   "perf/examples_per_sec": examples_since / max(dt, 1e-9),
-                                  "learning/lr": float(optim.lr_at(table_lr, step))})
+                                  **({} if solver else
+                                     {"learning/lr": float(optim.lr_at(table_lr, step))})})
             bar.set_postfix(loss=f"{loop['last_loss']:.4f}")
             t_mark, examples_since = time.time(), 0
         loop["step"] = step

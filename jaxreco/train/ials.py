@@ -1,0 +1,188 @@
+"""iALS: matrix factorization by implicit alternating least squares (``optimizer=ials``).
+
+The model is the dot product ``ŷ(u, i) = p_u · q_i`` (``model=embed_mlp
+model.combiner=dot model.bias=false``); one epoch solves every user row exactly with the
+item table fixed, then every item row with the user table fixed, for the loss of Hu et al.
+(2008) in the form of Rendle et al. (2022, "Revisiting the performance of iALS on item
+recommendation benchmarks"):
+
+    L = Σ_{(u,i) ∈ S} (ŷ(u,i) − 1)²  +  α₀ Σ_u Σ_i ŷ(u,i)²
+        + λ Σ_u (|I_u| + α₀|I|)^ν ‖p_u‖²  +  λ Σ_i (|U_i| + α₀|U|)^ν ‖q_i‖²
+
+(``S`` the training positives, ``α₀`` = ``optimizer.unobserved_weight``, ``λ`` =
+``model.reg``, ``ν`` = ``optimizer.reg_exponent``: frequency-scaled regularization). Row
+``u``'s solution is ``(Σ_{i∈I_u} q_i q_iᵀ + α₀ QᵀQ + λ_u I)⁻¹ Σ_{i∈I_u} q_i``: the all-pairs
+term costs one Gramian ``QᵀQ`` per half-epoch, so no negatives are sampled and every
+unobserved pair counts.
+
+Rows are grouped by history length into power-of-two buckets and solved in chunks of
+``R`` rows (gather ``[R, L, d]`` → ``R`` Gram matrices → batched Cholesky), one
+``lax.map`` per bucket inside a single jitted epoch, so padded work is < 2x the nonzeros and
+memory is bounded by ``chunk_elements`` whatever the catalogue size. The tables keep their
+mesh sharding (the epoch is jitted with the train state's shardings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """The rows of one side (users or items) that have positives, in padded chunks.
+
+    ``rows[b]``: int32 ``[chunks, R]`` row ids (padding: ``pad_row``, dropped by the scatter);
+    ``cols[b]``: int32 ``[chunks, R, L]`` the other side's ids (padding: ``num_cols``, a zero
+    row); ``counts[b]``: float32 ``[chunks, R]`` history lengths; one entry per bucket.
+    ``freq``: float32 ``[num_rows]`` every row's number of positives.
+    """
+
+    rows: tuple[np.ndarray, ...]
+    cols: tuple[np.ndarray, ...]
+    counts: tuple[np.ndarray, ...]
+    freq: np.ndarray
+    num_rows: int
+    num_cols: int
+    nnz: int
+
+    @property
+    def padded(self) -> int:
+        return int(sum(c.size for c in self.cols))
+
+
+def group_rows(row_ids: np.ndarray, col_ids: np.ndarray, num_rows: int, num_cols: int, *,
+               pad_row: int, dim: int, chunk_elements: int = 1 << 24,
+               min_len: int = 8) -> Side:
+    """Groups the positives ``(row_ids[k], col_ids[k])`` by row into padded chunks.
+
+    A row with ``n`` positives goes to the bucket of length ``L = max(min_len, 2^⌈log2 n⌉)``;
+    a chunk holds ``R`` rows with ``R·L·dim ≤ chunk_elements`` (the gathered rows) and
+    ``R·dim² ≤ chunk_elements`` (the Gram matrices), ``R`` a power of two.
+    """
+    row_ids = np.asarray(row_ids, np.int64)
+    col_ids = np.asarray(col_ids, np.int64)
+    if len(row_ids) != len(col_ids):
+        raise ValueError(f"{len(row_ids)} row ids but {len(col_ids)} column ids")
+    if len(row_ids) and (row_ids.min() < 0 or row_ids.max() >= num_rows
+                         or col_ids.min() < 0 or col_ids.max() >= num_cols):
+        raise ValueError(f"ids out of range: rows in [{row_ids.min()}, {row_ids.max()}] of "
+                         f"{num_rows}, columns in [{col_ids.min()}, {col_ids.max()}] of {num_cols}")
+    order = np.lexsort((col_ids, row_ids))
+    cols_sorted = col_ids[order].astype(np.int32)
+    freq = np.bincount(row_ids, minlength=num_rows)
+    starts = np.concatenate([[0], np.cumsum(freq)[:-1]])
+    present = np.flatnonzero(freq)
+    lens = np.maximum(min_len, 2 ** np.ceil(np.log2(np.maximum(freq[present], 1)))).astype(np.int64)
+    rows_out, cols_out, counts_out = [], [], []
+    for L in np.unique(lens):
+        rs = present[lens == L]
+        cap = max(1, min(chunk_elements // (int(L) * dim), chunk_elements // (dim * dim)))
+        R = 1 << int(math.floor(math.log2(cap)))
+        R = min(R, 1 << int(math.ceil(math.log2(len(rs)))))      # small buckets: one chunk
+        n_chunks = -(-len(rs) // R)
+        pad = n_chunks * R - len(rs)
+        r = np.concatenate([rs, np.full(pad, pad_row, np.int64)])
+        n = np.concatenate([freq[rs], np.zeros(pad, np.int64)])
+        pos = np.arange(int(L))[None, :]
+        idx = np.concatenate([starts[rs], np.zeros(pad, np.int64)])[:, None] + pos
+        c = np.where(pos < n[:, None], cols_sorted[np.minimum(idx, max(len(cols_sorted) - 1, 0))],
+                     num_cols)
+        rows_out.append(r.reshape(n_chunks, R).astype(np.int32))
+        cols_out.append(c.reshape(n_chunks, R, int(L)).astype(np.int32))
+        counts_out.append(n.reshape(n_chunks, R).astype(np.float32))
+    return Side(tuple(rows_out), tuple(cols_out), tuple(counts_out), freq.astype(np.float32),
+                num_rows, num_cols, len(row_ids))
+
+
+def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
+                alpha0: float, reg: float, nu: float, with_loss: bool):
+    """New rows of ``x_table`` (the first ``num_rows``) given ``y_table`` fixed; and, when
+    ``with_loss``, ``Σ_{observed} (1 − ŷ)²`` at the new rows."""
+    d = x_table.shape[1]
+    y = y_table[:num_cols].astype(jnp.float32)
+    gram = jnp.matmul(y.T, y, precision=HIGHEST)
+    y_pad = jnp.concatenate([y, jnp.zeros((1, d), jnp.float32)])
+    eye = jnp.eye(d, dtype=jnp.float32)
+    n_other = float(num_cols)
+    obs = jnp.zeros((), jnp.float32)
+    for rows, cols, counts in zip(side["rows"], side["cols"], side["counts"]):
+        def chunk(args):
+            c, n = args
+            yc = y_pad[c]                                             # [R, L, d]
+            a = jnp.einsum("rld,rle->rde", yc, yc, precision=HIGHEST) + alpha0 * gram
+            lam = reg * (n + alpha0 * n_other) ** nu
+            a = a + lam[:, None, None] * eye
+            b = jnp.sum(yc, axis=1)
+            chol = jnp.linalg.cholesky(a)
+            z = jax.lax.linalg.triangular_solve(chol, b[..., None], left_side=True, lower=True)
+            sol = jax.lax.linalg.triangular_solve(chol, z, left_side=True, lower=True,
+                                                  transpose_a=True)[..., 0]
+            if not with_loss:
+                return sol, jnp.zeros((), jnp.float32)
+            s = jnp.einsum("rld,rd->rl", yc, sol, precision=HIGHEST)
+            return sol, jnp.sum(jnp.where(c < num_cols, jnp.square(1.0 - s), 0.0))
+
+        sols, losses = jax.lax.map(chunk, (cols, counts))
+        x_table = x_table.at[rows.reshape(-1)].set(sols.reshape(-1, d).astype(x_table.dtype),
+                                                    mode="drop")
+        obs = obs + jnp.sum(losses)
+    return x_table, obs
+
+
+def make_epoch(users: Side, items: Side, *, user_table: str, item_table: str,
+               alpha0: float, reg: float, nu: float):
+    """``epoch(state, data) -> (state, {"loss": L / |S|})``: one user half-step, one item
+    half-step. ``data`` is :func:`epoch_data` (passed as arguments, not baked into the
+    program as constants)."""
+    nu_, nu_i = users.num_rows, items.num_rows
+
+    def epoch(state, data):
+        values = state.table_values()
+        p, q = values[user_table], values[item_table]
+        p, _ = _solve_side(p, q, data["users"], nu_, nu_i, alpha0=alpha0, reg=reg, nu=nu,
+                           with_loss=False)
+        q, obs = _solve_side(q, p, data["items"], nu_i, nu_, alpha0=alpha0, reg=reg, nu=nu,
+                             with_loss=True)
+        pu, qi = p[:nu_], q[:nu_i]
+        gp = jnp.matmul(pu.T, pu, precision=HIGHEST)
+        gq = jnp.matmul(qi.T, qi, precision=HIGHEST)
+        penalty = reg * (jnp.sum((data["user_freq"] + alpha0 * nu_i) ** nu * jnp.sum(pu * pu, 1))
+                         + jnp.sum((data["item_freq"] + alpha0 * nu_) ** nu * jnp.sum(qi * qi, 1)))
+        loss = (obs + alpha0 * jnp.sum(gp * gq) + penalty) / users.nnz
+        tables = jax.tree.map(lambda v: v, state.tables)
+        tables[user_table] = state.tables[user_table].replace(p)
+        tables[item_table] = state.tables[item_table].replace(q)
+        return state.replace(step=state.step + 1, tables=tables), {"loss": loss}
+
+    return epoch
+
+
+def epoch_data(users: Side, items: Side) -> dict:
+    as_dict = lambda s: {"rows": s.rows, "cols": s.cols, "counts": s.counts}  # noqa: E731
+    return {"users": as_dict(users), "items": as_dict(items),
+            "user_freq": users.freq, "item_freq": items.freq}
+
+
+def check_model(model_cfg, abstract_model) -> tuple[str, str]:
+    """``(user table, item table)`` of a model iALS can train, else a ValueError naming the
+    field: the dot combiner, no biases, no side or context features."""
+    problems = []
+    if model_cfg.get("name") != "embed_mlp" or model_cfg.get("combiner") != "dot":
+        problems.append(f"model.name={model_cfg.get('name')!r} model.combiner="
+                        f"{model_cfg.get('combiner')!r} (needs embed_mlp with combiner=dot)")
+    if model_cfg.get("bias"):
+        problems.append("model.bias=true (needs false: iALS fits the dot product alone)")
+    extra = sorted(set(abstract_model.table_features) - {"user_mf", "item_mf"})
+    if extra:
+        problems.append(f"tables {extra} (side/context features are not supported)")
+    if problems:
+        raise ValueError("optimizer=ials trains a plain dot product p_u·q_i; got "
+                         + "; ".join(problems))
+    return "user_mf", "item_mf"

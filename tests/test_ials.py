@@ -1,0 +1,183 @@
+"""iALS (optimizer=ials): each half-step is the exact least-squares solution, the reported
+loss is the iALS objective and never increases, sharded tables give the same model, and the
+trainer runs, resumes and refuses models it cannot fit."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxreco import optim
+from jaxreco.models.embed_mlp import EmbedMLP
+from jaxreco.sharding import make_mesh
+from jaxreco.train import ials
+from jaxreco.train.state import create_state
+from tests.conftest import run_cli
+from tests.test_implicit import COMMON, ml_dir  # noqa: F401  (fixture)
+
+USERS, ITEMS, DIM = 13, 11, 4
+
+
+def _positives(seed=0):
+    """Histories of 0..11 items (user 5 has none), so several length buckets are used."""
+    rng = np.random.default_rng(seed)
+    u, i = [], []
+    for user in range(USERS):
+        n = 0 if user == 5 else int(rng.integers(1, 12))
+        items = rng.choice(ITEMS, n, replace=False)
+        u += [user] * n
+        i += items.tolist()
+    return np.array(u), np.array(i)
+
+
+def _sides(u, i, pad_users, pad_items, chunk_elements=64):
+    kw = dict(dim=DIM, chunk_elements=chunk_elements, min_len=2)
+    return (ials.group_rows(u, i, USERS, ITEMS, pad_row=pad_users, **kw),
+            ials.group_rows(i, u, ITEMS, USERS, pad_row=pad_items, **kw))
+
+
+def _closed_form(y, hist, alpha0, reg, nu):
+    """Row solutions in float64: (Σ_h y_h y_hᵀ + α₀ YᵀY + λ(n + α₀N)^ν I)⁻¹ Σ_h y_h."""
+    y = y.astype(np.float64)
+    g = alpha0 * y.T @ y
+    out = {}
+    for r, h in hist.items():
+        yh = y[h]
+        a = yh.T @ yh + g + reg * (len(h) + alpha0 * len(y)) ** nu * np.eye(y.shape[1])
+        out[r] = np.linalg.solve(a, yh.sum(0))
+    return out
+
+
+def test_grouping_covers_every_positive_once_in_bounded_chunks():
+    u, i = _positives()
+    side = ials.group_rows(u, i, USERS, ITEMS, pad_row=16, dim=DIM, chunk_elements=64, min_len=2)
+    seen = []
+    for rows, cols, counts in zip(side.rows, side.cols, side.counts):
+        assert rows.shape[1] * cols.shape[2] * DIM <= 64 or rows.shape[1] == 1
+        for r, c, n in zip(rows.reshape(-1), cols.reshape(-1, cols.shape[2]), counts.reshape(-1)):
+            if r == 16:                                   # padding row: no columns
+                assert n == 0 and (c == ITEMS).all()
+                continue
+            valid = c[c < ITEMS]
+            assert len(valid) == n and (c[len(valid):] == ITEMS).all()
+            seen += [(int(r), int(x)) for x in valid]
+    assert sorted(seen) == sorted(zip(u.tolist(), i.tolist()))
+    assert 5 not in {r for r, _ in seen} and side.freq[5] == 0
+    with pytest.raises(ValueError, match="out of range"):
+        ials.group_rows(u, i + ITEMS, USERS, ITEMS, pad_row=16, dim=DIM)
+
+
+@pytest.mark.parametrize("alpha0, reg, nu", [(0.3, 0.05, 1.0), (1.0, 0.5, 0.0)])
+def test_half_step_is_the_exact_least_squares_solution(alpha0, reg, nu):
+    u, i = _positives()
+    pad_u, pad_i = 16, 16                        # tables padded past the real rows
+    rng = np.random.default_rng(1)
+    p = rng.normal(0, 0.3, (pad_u, DIM)).astype(np.float32)
+    q = rng.normal(0, 0.3, (pad_i, DIM)).astype(np.float32)
+    users, _ = _sides(u, i, pad_u, pad_i)
+    data = ials.epoch_data(users, users)["users"]
+    new, _ = jax.jit(lambda p, q, d: ials._solve_side(
+        p, q, d, USERS, ITEMS, alpha0=alpha0, reg=reg, nu=nu, with_loss=False))(p, q, data)
+    new = np.asarray(new)
+    hist = {r: i[u == r] for r in range(USERS) if (u == r).any()}
+    want = _closed_form(q[:ITEMS], hist, alpha0, reg, nu)
+    for r, w in want.items():
+        np.testing.assert_allclose(new[r], w, rtol=2e-4, atol=2e-5)
+    # a user with no positives and the padding rows are left as they were
+    np.testing.assert_array_equal(new[5], p[5])
+    np.testing.assert_array_equal(new[USERS:], p[USERS:])
+
+
+ONE = {"batch": None, "user": None, "item": None, "embed": None}
+
+
+def _state(mesh, rules):
+    def model_fn():
+        return EmbedMLP(16, 16, combiner="dot", mf_dim=DIM, bias=False, init_std=0.3,
+                        rngs=nnx.Rngs(0))
+    return create_state(model_fn, optim.row_optimizer("ials"), optim.dense_optimizer("adam", 0.1),
+                        mesh, rules)
+
+
+def _objective(p, q, u, i, alpha0, reg, nu):
+    p, q = p[:USERS].astype(np.float64), q[:ITEMS].astype(np.float64)
+    s = p @ q.T
+    fu, fi = np.bincount(u, minlength=USERS), np.bincount(i, minlength=ITEMS)
+    return ((np.sum((1 - s[u, i]) ** 2) + alpha0 * np.sum(s ** 2)
+             + reg * np.sum((fu + alpha0 * ITEMS) ** nu * np.sum(p * p, 1))
+             + reg * np.sum((fi + alpha0 * USERS) ** nu * np.sum(q * q, 1))) / len(u))
+
+
+def _run_epochs(mesh, rules, n=5, alpha0=0.3, reg=0.05, nu=1.0):
+    u, i = _positives()
+    _, state, shardings = _state(mesh, rules)
+    users, items = _sides(u, i, 16, 16)
+    epoch = jax.jit(ials.make_epoch(users, items, user_table="user_mf", item_table="item_mf",
+                                    alpha0=alpha0, reg=reg, nu=nu),
+                    out_shardings=(shardings, None))
+    data = jax.device_put(ials.epoch_data(users, items), NamedSharding(mesh, P()))
+    losses, tables = [], []
+    for _ in range(n):
+        state, m = epoch(state, data)
+        v = {k: np.asarray(x) for k, x in state.table_values().items()}
+        losses.append(float(m["loss"]))
+        tables.append(v)
+        want = _objective(v["user_mf"], v["item_mf"], u, i, alpha0, reg, nu)
+        assert losses[-1] == pytest.approx(want, rel=1e-4)
+    return losses, tables, state
+
+
+def test_reported_loss_is_the_objective_and_never_increases():
+    mesh = make_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
+    losses, _, state = _run_epochs(mesh, ONE)
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0]
+    assert int(state.step) == 5
+
+
+def test_row_sharded_tables_give_the_same_model():
+    one = make_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
+    assert jax.device_count() >= 4
+    mp = make_mesh({"data": 1, "model": 4}, devices=jax.devices()[:4])
+    rules = {"batch": "data", "user": "model", "item": "model", "embed": None}
+    _, t1, _ = _run_epochs(one, ONE)
+    _, t4, state = _run_epochs(mp, rules)
+    assert len(state.tables["user_mf"][...].sharding.device_set) == 4
+    for a, b in zip(t1, t4):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+IALS = ["optimizer=ials", "model.bias=false", "model.reg=0.01",
+        "model.init_std=0.1"]
+
+
+def _train(tmp_path, ml_dir, *extra, run="run", ok=True):
+    out = tmp_path / run
+    p = run_cli(["jaxreco.cli.train", f"dataset.path={ml_dir}", f"hydra.run.dir={out}",
+                 *COMMON, *IALS, *extra], cwd=tmp_path,
+                env_extra={"JAXRECO_CACHE": str(tmp_path / "cache")})
+    if not ok:
+        assert p.returncode != 0
+        return p.stderr
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_trainer_fits_resumes_and_refuses_other_models(tmp_path, ml_dir):  # noqa: F811
+    a = _train(tmp_path, ml_dir, run="a")
+    assert a["train/steps"] == 4 and a["train/epochs"] == 4     # one step per epoch
+    assert a["test/hr@5"] > 0.6, a                              # chance: 5/21 = 0.24
+    det = lambda m: {k: v for k, v in m.items() if not k.startswith("perf/")}  # noqa: E731
+    _train(tmp_path, ml_dir, "trainer.max_steps=2", run="c")
+    assert det(_train(tmp_path, ml_dir, run="c")) == det(a)
+    err = _train(tmp_path, ml_dir, "model.bias=true", run="b", ok=False)
+    assert "model.bias=true" in err and "optimizer=ials" in err
+    err = _train(tmp_path, ml_dir, "model.combiner=mlp", run="m", ok=False)
+    assert "model.combiner='mlp'" in err
