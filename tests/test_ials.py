@@ -181,3 +181,34 @@ def test_trainer_fits_resumes_and_refuses_other_models(tmp_path, ml_dir):  # noq
     assert "model.bias=true" in err and "optimizer=ials" in err
     err = _train(tmp_path, ml_dir, "model.combiner=mlp", run="m", ok=False)
     assert "model.combiner='mlp'" in err
+
+
+def test_two_processes_with_row_sharded_tables_match_one(tmp_path, ml_dir):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_multiprocess import _free_port
+    common = [f"dataset.path={ml_dir}", *COMMON, *IALS, "logger.tensorboard=false"]
+    env = {"JAXRECO_CACHE": str(tmp_path / "cache")}
+    p = run_cli(["jaxreco.cli.train", f"hydra.run.dir={tmp_path / 'one'}", "mesh=single",
+                 *common], cwd=tmp_path, env_extra=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    port, procs = _free_port(), []
+    for i in range(2):
+        e = dict(os.environ, **env, JAXRECO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                 JAXRECO_NUM_PROCESSES="2", JAXRECO_PROCESS_ID=str(i),
+                 XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "jaxreco.cli.train", f"hydra.run.dir={tmp_path / 'two'}",
+             "mesh=mp", *common], cwd=tmp_path, env=e, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    for pr in procs:
+        _, err = pr.communicate(timeout=300)
+        assert pr.returncode == 0, err[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["process_count"] == 2
+    for k, v in one.items():
+        if not k.startswith("perf/"):
+            assert two[k] == pytest.approx(v, abs=1e-5), k
