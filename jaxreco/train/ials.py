@@ -17,8 +17,9 @@ unobserved pair counts.
 
 Rows are grouped by history length into power-of-two buckets and solved in chunks of
 ``R`` rows (gather ``[R, L, d]`` → ``R`` Gram matrices → batched Cholesky), one
-``lax.map`` per bucket inside a single jitted epoch, so padded work is < 2x the nonzeros and
-memory is bounded by ``chunk_elements`` whatever the catalogue size. The tables keep their
+``lax.map`` per bucket inside a single jitted epoch, buckets one after another, so padding
+stays below 2x for rows with at least ``min_len`` positives and memory is bounded by
+``chunk_elements`` whatever the catalogue size. The tables keep their
 mesh sharding (the epoch is jitted with the train state's shardings).
 """
 
@@ -113,6 +114,11 @@ def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
     n_other = float(num_cols)
     obs = jnp.zeros((), jnp.float32)
     for rows, cols, counts in zip(side["rows"], side["cols"], side["counts"]):
+        # One bucket after the other (the barrier makes this bucket's inputs depend on the
+        # previous one's result), so only one bucket's gathered rows and Gram matrices are
+        # live at a time.
+        x_table, y_pad, obs = jax.lax.optimization_barrier((x_table, y_pad, obs))
+
         def chunk(args):
             c, n = args
             yc = y_pad[c]                                             # [R, L, d]
