@@ -31,7 +31,7 @@ reloads what it wrote and fails with :class:`ExportError` naming both versions i
 
 Two layers: :func:`export_saved_model` takes parameters and pure JAX functions and knows
 nothing about training; :func:`export_run` adapts a ``jaxreco-train`` run directory (biased
-MF) to it.
+MF on ratings, or the dot-product model of an implicit-feedback run) to it.
 """
 
 from __future__ import annotations
@@ -550,9 +550,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: 
         if not (run_dir / f).exists():
             raise ExportError(f"{run_dir} is not a jaxreco-train run directory: no {f}")
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    if cfg.task.get("kind", "rating") == "implicit":
+        return _export_implicit_dot(run_dir, cfg, out_dir, version, step=step, **kwargs)
     if cfg.model.name != "mf":
         raise ExportError(f"{run_dir}: model.name={cfg.model.name!r}; export_run handles 'mf' "
-                          "(call export_saved_model with that model's functions)")
+                          "and implicit-feedback dot-product runs (model.combiner=dot); "
+                          "for others call export_saved_model with that model's functions")
     sc = cfg.dataset.split
     if sc.kind != "random":
         raise ExportError(f"{run_dir}: dataset.split.kind={sc.kind!r}; export_run handles 'random'")
@@ -589,6 +592,53 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: 
         out_dir, version, params=params, score_fn=score, user_item_scores_fn=all_scores,
         item_vectors_fn=vectors, user_vocab=data.user_vocab, item_vocab=data.item_vocab,
         seen=seen_csr(train.user, train.item, nu), model_info=info, **kwargs)
+
+
+def _export_implicit_dot(run_dir: Path, cfg, out_dir, version: int, *, step: int | None,
+                         **kwargs) -> Path:
+    """An implicit-feedback run of the dot-product model (``model=embed_mlp
+    model.combiner=dot``, e.g. ``experiment=ml1m_ncf_mf``): ``b + b_u + b_i + p_u·q_i``
+    (biases 0 when ``model.bias=false``), the user's training positives excluded."""
+    from jaxreco import evaluate as evaluate_lib
+    from jaxreco.data.prepare import load_table
+
+    mc = cfg.model
+    if mc.name != "embed_mlp" or mc.get("combiner") != "dot":
+        raise ExportError(f"{run_dir}: implicit run of model.name={mc.name!r} "
+                          f"model.combiner={mc.get('combiner')!r}; export_run handles the dot "
+                          "product (combiner=dot) of implicit runs")
+    extra = list(cfg.task.get("side_features") or []) + list(cfg.task.get("context_features") or [])
+    if extra:
+        raise ExportError(f"{run_dir}: task side/context features {extra}: the SavedModel "
+                          "scores (user, item) pairs only")
+    r = evaluate_lib.restore_run(str(run_dir), step=step, full=False)
+    task = r.task
+    want = json.loads((run_dir / "splits.json").read_text()).get("train/sha256")
+    got = task.meta["splits"]["train"]["sha256"]
+    if got != want:
+        raise ExportError(f"{run_dir}: the prepared training split {task.path} has sha256 "
+                          f"{got[:12]}…, the run trained on {str(want)[:12]}…")
+    nu, ni = task.num_users, task.num_items
+    t = {k: np.asarray(v) for k, v in r.state.table_values().items()}
+    zeros = lambda n: np.zeros((n, 1), np.float32)  # noqa: E731
+    head = r.state.dense["head"]["click"]["b"]
+    params = {"user_embed": t["user_mf"][:nu], "item_embed": t["item_mf"][:ni],
+              "user_bias": t["user_bias"][:nu] if "user_bias" in t else zeros(nu),
+              "item_bias": t["item_bias"][:ni] if "item_bias" in t else zeros(ni),
+              "global_bias": np.asarray(head[...], np.float32)}
+    train = task.split["train"]
+    pos = np.asarray(train["label"]) > 0 if task.has_label else slice(None)
+    seen_u, seen_i = np.asarray(train["user"])[pos], np.asarray(train["item"])[pos]
+    score, all_scores, vectors = biased_mf_functions()
+    info = {"run_dir": str(run_dir.resolve()), "dataset": task.meta["dataset"],
+            "task": "implicit", "checkpoint_step": int(r.step)}
+    info.update(kwargs.pop("model_info", {}) or {})
+    return export_saved_model(
+        out_dir, version, params=params, score_fn=score, user_item_scores_fn=all_scores,
+        item_vectors_fn=vectors,
+        user_vocab=load_table(task.path, "user_vocab")["raw_id"].astype(str),
+        item_vocab=load_table(task.path, "item_vocab")["raw_id"].astype(str),
+        seen=seen_csr(seen_u, seen_i, nu), model_info=info, **kwargs)
 
 
 def restore_params(checkpoint: str | os.PathLike, *, step: int | None = None,

@@ -61,3 +61,52 @@ def test_trained_run_exports_and_matches_the_trainers_test_rmse(tmp_path):
                                    val_fraction=sc.val_fraction, seed=sc.seed)["train"]
     seen = set(data.item_vocab[train.item[train.user == u]].astype(str))
     assert seen and not seen & set(r["items"].numpy()[0].astype(str))
+
+
+def test_implicit_dot_product_run_exports_and_matches_the_trainers_ranking(tmp_path,
+                                                                           monkeypatch):
+    """An iALS run (implicit feedback, dot product): the SavedModel's scores give the
+    trainer's sampled HR/NDCG@10 exactly, and recommendations skip the training positives."""
+    from jaxreco import export as ex
+    from jaxreco.data.prepare import load_split, load_table
+    from tests.conftest import run_cli
+    from tests.test_ials import IALS
+    from tests.test_implicit import COMMON
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "ml-groups"
+    d.mkdir()
+    (d / "u.data").write_text("".join(
+        f"{u + 1}\t{(u % 4) * 50 + i + 1}\t4\t{880000000 + int(rng.integers(0, 10**7))}\n"
+        for u in range(60) for i in rng.choice(50, 30, replace=False)))
+    run = tmp_path / "run"
+    p = run_cli(["jaxreco.cli.train", f"dataset.path={d}", f"hydra.run.dir={run}", *COMMON,
+                 *IALS], cwd=tmp_path, env_extra={"JAXRECO_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    monkeypatch.setenv("JAXRECO_CACHE", str(tmp_path / "cache"))   # the run's prepared data
+    path = ex.export_run(run, tmp_path / "models", 1)
+    prep = json.loads((run / "splits.json").read_text())["prepared"]
+    uv = load_table(prep, "user_vocab")["raw_id"].astype(str)
+    iv = load_table(prep, "item_vocab")["raw_id"].astype(str)
+    c = load_split(prep, "test_candidates")
+    users, negs = np.asarray(c["user"]), np.asarray(c["negatives"])
+    items = np.concatenate([np.asarray(c["item"])[:, None], negs], 1)
+    m = tf.saved_model.load(str(path))
+    out = m.signatures["score"](user=tf.constant(uv[np.repeat(users, items.shape[1])]),
+                                item=tf.constant(iv[items.reshape(-1)]))
+    assert out["known"].numpy().all()
+    s = out["score"].numpy().reshape(items.shape)
+    rank = (s[:, 1:] >= s[:, :1]).sum(1)                 # ties count against the test item
+    assert np.mean(rank < 10) == pytest.approx(metrics["test/hr@10"], abs=1e-9)
+    ndcg = np.mean(np.where(rank < 10, 1 / np.log2(rank + 2), 0.0))
+    assert ndcg == pytest.approx(metrics["test/ndcg@10"], abs=1e-6)
+    train = load_split(prep, "train", ["user", "item"])
+    u = int(users[0])
+    seen = set(iv[np.asarray(train["item"])[np.asarray(train["user"]) == u]])
+    r = m.signatures["recommend"](user=tf.constant([uv[u]]), k=tf.constant(20))
+    assert seen and not seen & set(r["items"].numpy()[0].astype(str))
+    with pytest.raises(ex.ExportError, match="combiner"):
+        cfg = (run / "config.yaml").read_text().replace("combiner: dot", "combiner: mlp")
+        (run / "config.yaml").write_text(cfg)
+        ex.export_run(run, tmp_path / "models", 2)
