@@ -42,15 +42,17 @@ def _sides(u, i, pad_users, pad_items, chunk_elements=64):
             ials.group_rows(i, u, ITEMS, USERS, pad_row=pad_items, **kw))
 
 
-def _closed_form(y, hist, alpha0, reg, nu):
-    """Row solutions in float64: (Σ_h y_h y_hᵀ + α₀ YᵀY + λ(n + α₀N)^ν I)⁻¹ Σ_h y_h."""
+def _closed_form(y, hist, alpha0, reg, nu, b=None):
+    """Row solutions in float64: (Σ_h y_h y_hᵀ + α₀ YᵀY + λ(n + α₀N)^ν I)⁻¹ Σ_h y_h, or with
+    a column offset b (ŷ = x·y + b): right-hand side Σ_h (1 − b_h) y_h − α₀ Yᵀb."""
     y = y.astype(np.float64)
+    b = np.zeros(len(y)) if b is None else b.astype(np.float64)
     g = alpha0 * y.T @ y
     out = {}
     for r, h in hist.items():
         yh = y[h]
         a = yh.T @ yh + g + reg * (len(h) + alpha0 * len(y)) ** nu * np.eye(y.shape[1])
-        out[r] = np.linalg.solve(a, yh.sum(0))
+        out[r] = np.linalg.solve(a, ((1 - b[h])[:, None] * yh).sum(0) - alpha0 * y.T @ b)
     return out
 
 
@@ -73,8 +75,10 @@ def test_grouping_covers_every_positive_once_in_bounded_chunks():
         ials.group_rows(u, i + ITEMS, USERS, ITEMS, pad_row=16, dim=DIM)
 
 
-@pytest.mark.parametrize("alpha0, reg, nu", [(0.3, 0.05, 1.0), (1.0, 0.5, 0.0)])
-def test_half_step_is_the_exact_least_squares_solution(alpha0, reg, nu):
+@pytest.mark.parametrize("alpha0, reg, nu, biased", [(0.3, 0.05, 1.0, False),
+                                                    (1.0, 0.5, 0.0, False),
+                                                    (0.3, 0.05, 1.0, True)])
+def test_half_step_is_the_exact_least_squares_solution(alpha0, reg, nu, biased):
     u, i = _positives()
     pad_u, pad_i = 16, 16                        # tables padded past the real rows
     rng = np.random.default_rng(1)
@@ -82,11 +86,14 @@ def test_half_step_is_the_exact_least_squares_solution(alpha0, reg, nu):
     q = rng.normal(0, 0.3, (pad_i, DIM)).astype(np.float32)
     users, _ = _sides(u, i, pad_u, pad_i)
     data = ials.epoch_data(users, users)["users"]
-    new, _ = jax.jit(lambda p, q, d: ials._solve_side(
-        p, q, d, USERS, ITEMS, alpha0=alpha0, reg=reg, nu=nu, with_loss=False))(p, q, data)
+    bias = rng.normal(0, 0.3, pad_i).astype(np.float32) if biased else None
+    new, _ = jax.jit(lambda p, q, d, b: ials._solve_side(
+        p, q, d, USERS, ITEMS, alpha0=alpha0, reg=reg, nu=nu, with_loss=False, y_bias=b))(
+        p, q, data, bias)
     new = np.asarray(new)
     hist = {r: i[u == r] for r in range(USERS) if (u == r).any()}
-    want = _closed_form(q[:ITEMS], hist, alpha0, reg, nu)
+    want = _closed_form(q[:ITEMS], hist, alpha0, reg, nu,
+                        None if bias is None else bias[:ITEMS])
     for r, w in want.items():
         np.testing.assert_allclose(new[r], w, rtol=2e-4, atol=2e-5)
     # a user with no positives and the padding rows are left as they were
@@ -97,29 +104,31 @@ def test_half_step_is_the_exact_least_squares_solution(alpha0, reg, nu):
 ONE = {"batch": None, "user": None, "item": None, "embed": None}
 
 
-def _state(mesh, rules):
+def _state(mesh, rules, bias=False):
     def model_fn():
-        return EmbedMLP(16, 16, combiner="dot", mf_dim=DIM, bias=False, init_std=0.3,
+        return EmbedMLP(16, 16, combiner="dot", mf_dim=DIM, bias=bias, init_std=0.3,
                         rngs=nnx.Rngs(0))
     return create_state(model_fn, optim.row_optimizer("ials"), optim.dense_optimizer("adam", 0.1),
                         mesh, rules)
 
 
-def _objective(p, q, u, i, alpha0, reg, nu):
+def _objective(p, q, u, i, alpha0, reg, nu, b=None):
     p, q = p[:USERS].astype(np.float64), q[:ITEMS].astype(np.float64)
-    s = p @ q.T
+    b = np.zeros(ITEMS) if b is None else b[:ITEMS, 0].astype(np.float64)
+    s = p @ q.T + b[None, :]
     fu, fi = np.bincount(u, minlength=USERS), np.bincount(i, minlength=ITEMS)
     return ((np.sum((1 - s[u, i]) ** 2) + alpha0 * np.sum(s ** 2)
              + reg * np.sum((fu + alpha0 * ITEMS) ** nu * np.sum(p * p, 1))
-             + reg * np.sum((fi + alpha0 * USERS) ** nu * np.sum(q * q, 1))) / len(u))
+             + reg * np.sum((fi + alpha0 * USERS) ** nu * (np.sum(q * q, 1) + b * b))) / len(u))
 
 
-def _run_epochs(mesh, rules, n=5, alpha0=0.3, reg=0.05, nu=1.0):
+def _run_epochs(mesh, rules, n=5, alpha0=0.3, reg=0.05, nu=1.0, bias=False):
     u, i = _positives()
-    _, state, shardings = _state(mesh, rules)
+    _, state, shardings = _state(mesh, rules, bias)
     users, items = _sides(u, i, 16, 16)
     epoch = jax.jit(ials.make_epoch(users, items, user_table="user_mf", item_table="item_mf",
-                                    alpha0=alpha0, reg=reg, nu=nu),
+                                    alpha0=alpha0, reg=reg, nu=nu,
+                                    item_bias_table="item_bias" if bias else None),
                     out_shardings=(shardings, None))
     data = jax.device_put(ials.epoch_data(users, items), NamedSharding(mesh, P()))
     losses, tables = [], []
@@ -128,14 +137,19 @@ def _run_epochs(mesh, rules, n=5, alpha0=0.3, reg=0.05, nu=1.0):
         v = {k: np.asarray(x) for k, x in state.table_values().items()}
         losses.append(float(m["loss"]))
         tables.append(v)
-        want = _objective(v["user_mf"], v["item_mf"], u, i, alpha0, reg, nu)
+        want = _objective(v["user_mf"], v["item_mf"], u, i, alpha0, reg, nu,
+                          v["item_bias"] if bias else None)
         assert losses[-1] == pytest.approx(want, rel=1e-4)
     return losses, tables, state
 
 
-def test_reported_loss_is_the_objective_and_never_increases():
+@pytest.mark.parametrize("bias", [False, True])
+def test_reported_loss_is_the_objective_and_never_increases(bias):
     mesh = make_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
-    losses, _, state = _run_epochs(mesh, ONE)
+    losses, tables, state = _run_epochs(mesh, ONE, bias=bias)
+    if bias:                                       # the item bias is fitted, the user's not
+        assert np.abs(tables[-1]["item_bias"][:ITEMS]).max() > 1e-3
+        assert not tables[-1]["user_bias"].any()
     assert all(b <= a * (1 + 1e-5) for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0]
     assert int(state.step) == 5
@@ -177,10 +191,10 @@ def test_trainer_fits_resumes_and_refuses_other_models(tmp_path, ml_dir):  # noq
     det = lambda m: {k: v for k, v in m.items() if not k.startswith("perf/")}  # noqa: E731
     _train(tmp_path, ml_dir, "trainer.max_steps=2", run="c")
     assert det(_train(tmp_path, ml_dir, run="c")) == det(a)
-    err = _train(tmp_path, ml_dir, "model.bias=true", run="b", ok=False)
-    assert "model.bias=true" in err and "optimizer=ials" in err
+    b = _train(tmp_path, ml_dir, "model.bias=true", run="b")       # + item bias
+    assert b["test/hr@5"] > 0.6 and b["train/loss"] != a["train/loss"], b
     err = _train(tmp_path, ml_dir, "model.combiner=mlp", run="m", ok=False)
-    assert "model.combiner='mlp'" in err
+    assert "model.combiner='mlp'" in err and "optimizer=ials" in err
 
 
 def test_two_processes_with_row_sharded_tables_match_one(tmp_path, ml_dir):  # noqa: F811

@@ -1,7 +1,8 @@
 """iALS: matrix factorization by implicit alternating least squares (``optimizer=ials``).
 
 The model is the dot product ``ŷ(u, i) = p_u · q_i`` (``model=embed_mlp
-model.combiner=dot model.bias=false``); one epoch solves every user row exactly with the
+model.combiner=dot model.bias=false``), or ``p_u · q_i + b_i`` with ``model.bias=true`` (the
+item bias solved with the item row); one epoch solves every user row exactly with the
 item table fixed, then every item row with the user table fixed, for the loss of Hu et al.
 (2008) in the form of Rendle et al. (2022, "Revisiting the performance of iALS on item
 recommendation benchmarks"):
@@ -103,13 +104,23 @@ def group_rows(row_ids: np.ndarray, col_ids: np.ndarray, num_rows: int, num_cols
 
 
 def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
-                alpha0: float, reg: float, nu: float, with_loss: bool):
+                alpha0: float, reg: float, nu: float, with_loss: bool, y_bias=None):
     """New rows of ``x_table`` (the first ``num_rows``) given ``y_table`` fixed; and, when
-    ``with_loss``, ``Σ_{observed} (1 − ŷ)²`` at the new rows."""
+    ``with_loss``, ``Σ_{observed} (1 − ŷ)²`` at the new rows.
+
+    ``y_bias`` (``[rows of y_table]``): a fixed per-column offset, ``ŷ = x·y + b_y``; the
+    row solves become ``(…) x = Σ_obs (1 − b_y) y − α₀ Yᵀb``.
+    """
     d = x_table.shape[1]
     y = y_table[:num_cols].astype(jnp.float32)
     gram = jnp.matmul(y.T, y, precision=HIGHEST)
     y_pad = jnp.concatenate([y, jnp.zeros((1, d), jnp.float32)])
+    if y_bias is None:
+        yb_pad, rhs0 = jnp.zeros((num_cols + 1,), jnp.float32), jnp.zeros((d,), jnp.float32)
+    else:
+        yb = y_bias[:num_cols].astype(jnp.float32)
+        yb_pad = jnp.concatenate([yb, jnp.zeros((1,), jnp.float32)])
+        rhs0 = alpha0 * jnp.matmul(y.T, yb, precision=HIGHEST)
     eye = jnp.eye(d, dtype=jnp.float32)
     n_other = float(num_cols)
     obs = jnp.zeros((), jnp.float32)
@@ -118,6 +129,7 @@ def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
         # previous one's result), so only one bucket's gathered rows and Gram matrices are
         # live at a time.
         x_table, y_pad, obs = jax.lax.optimization_barrier((x_table, y_pad, obs))
+        has_bias = y_bias is not None
 
         def chunk(args):
             c, n = args
@@ -125,14 +137,16 @@ def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
             a = jnp.einsum("rld,rle->rde", yc, yc, precision=HIGHEST) + alpha0 * gram
             lam = reg * (n + alpha0 * n_other) ** nu
             a = a + lam[:, None, None] * eye
-            b = jnp.sum(yc, axis=1)
+            bc = yb_pad[c]                                            # [R, L]
+            b = (jnp.sum(yc * (1.0 - bc)[..., None], axis=1) - rhs0 if has_bias
+                 else jnp.sum(yc, axis=1))
             chol = jnp.linalg.cholesky(a)
             z = jax.lax.linalg.triangular_solve(chol, b[..., None], left_side=True, lower=True)
             sol = jax.lax.linalg.triangular_solve(chol, z, left_side=True, lower=True,
                                                   transpose_a=True)[..., 0]
             if not with_loss:
                 return sol, jnp.zeros((), jnp.float32)
-            s = jnp.einsum("rld,rd->rl", yc, sol, precision=HIGHEST)
+            s = jnp.einsum("rld,rd->rl", yc, sol, precision=HIGHEST) + bc
             return sol, jnp.sum(jnp.where(c < num_cols, jnp.square(1.0 - s), 0.0))
 
         sols, losses = jax.lax.map(chunk, (cols, counts))
@@ -143,28 +157,43 @@ def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
 
 
 def make_epoch(users: Side, items: Side, *, user_table: str, item_table: str,
-               alpha0: float, reg: float, nu: float):
+               alpha0: float, reg: float, nu: float, item_bias_table: str | None = None):
     """``epoch(state, data) -> (state, {"loss": L / |S|})``: one user half-step, one item
     half-step. ``data`` is :func:`epoch_data` (passed as arguments, not baked into the
-    program as constants)."""
+    program as constants).
+
+    ``item_bias_table``: also fit an item bias, ``ŷ = p_u·q_i + b_i`` (λ on ``b_i`` as on
+    ``q_i``): the item half-step solves ``[q_i, b_i]`` against ``[p_u, 1]``, the user
+    half-step takes ``b`` as a fixed offset.
+    """
     nu_, nu_i = users.num_rows, items.num_rows
 
     def epoch(state, data):
         values = state.table_values()
         p, q = values[user_table], values[item_table]
+        d = q.shape[1]
+        bias = values[item_bias_table][:, 0] if item_bias_table else None
         p, _ = _solve_side(p, q, data["users"], nu_, nu_i, alpha0=alpha0, reg=reg, nu=nu,
-                           with_loss=False)
-        q, obs = _solve_side(q, p, data["items"], nu_i, nu_, alpha0=alpha0, reg=reg, nu=nu,
-                             with_loss=True)
-        pu, qi = p[:nu_], q[:nu_i]
+                           with_loss=False, y_bias=bias)
+        if bias is not None:                # augmented: [q_i, b_i] against [p_u, 1]
+            p_side = jnp.concatenate([p, jnp.ones((p.shape[0], 1), p.dtype)], axis=1)
+            q = jnp.concatenate([q, bias[:, None].astype(q.dtype)], axis=1)
+        else:
+            p_side = p
+        q, obs = _solve_side(q, p_side, data["items"], nu_i, nu_, alpha0=alpha0, reg=reg,
+                             nu=nu, with_loss=True)
+        pu, qi = p_side[:nu_], q[:nu_i]
         gp = jnp.matmul(pu.T, pu, precision=HIGHEST)
         gq = jnp.matmul(qi.T, qi, precision=HIGHEST)
-        penalty = reg * (jnp.sum((data["user_freq"] + alpha0 * nu_i) ** nu * jnp.sum(pu * pu, 1))
+        pp = pu[:, :d]
+        penalty = reg * (jnp.sum((data["user_freq"] + alpha0 * nu_i) ** nu * jnp.sum(pp * pp, 1))
                          + jnp.sum((data["item_freq"] + alpha0 * nu_) ** nu * jnp.sum(qi * qi, 1)))
         loss = (obs + alpha0 * jnp.sum(gp * gq) + penalty) / users.nnz
         tables = jax.tree.map(lambda v: v, state.tables)
         tables[user_table] = state.tables[user_table].replace(p)
-        tables[item_table] = state.tables[item_table].replace(q)
+        tables[item_table] = state.tables[item_table].replace(q[:, :d])
+        if bias is not None:
+            tables[item_bias_table] = state.tables[item_bias_table].replace(q[:, d:])
         return state.replace(step=state.step + 1, tables=tables), {"loss": loss}
 
     return epoch
@@ -176,19 +205,21 @@ def epoch_data(users: Side, items: Side) -> dict:
             "user_freq": users.freq, "item_freq": items.freq}
 
 
-def check_model(model_cfg, abstract_model) -> tuple[str, str]:
-    """``(user table, item table)`` of a model iALS can train, else a ValueError naming the
-    field: the dot combiner, no biases, no side or context features."""
+def check_model(model_cfg, abstract_model) -> tuple[str, str, str | None]:
+    """``(user table, item table, item bias table or None)`` of a model iALS can train, else
+    a ValueError naming the field: the dot combiner, no side or context features. With
+    ``model.bias=true`` the item bias is fitted; the user and global biases stay at 0 (they
+    cannot change a user's ranking)."""
     problems = []
     if model_cfg.get("name") != "embed_mlp" or model_cfg.get("combiner") != "dot":
         problems.append(f"model.name={model_cfg.get('name')!r} model.combiner="
                         f"{model_cfg.get('combiner')!r} (needs embed_mlp with combiner=dot)")
-    if model_cfg.get("bias"):
-        problems.append("model.bias=true (needs false: iALS fits the dot product alone)")
-    extra = sorted(set(abstract_model.table_features) - {"user_mf", "item_mf"})
+    allowed = {"user_mf", "item_mf", "user_bias", "item_bias"}
+    extra = sorted(set(abstract_model.table_features) - allowed)
     if extra:
         problems.append(f"tables {extra} (side/context features are not supported)")
     if problems:
-        raise ValueError("optimizer=ials trains a plain dot product p_u·q_i; got "
+        raise ValueError("optimizer=ials trains a dot product p_u·q_i (+ b_i); got "
                          + "; ".join(problems))
-    return "user_mf", "item_mf"
+    return "user_mf", "item_mf", ("item_bias" if "item_bias" in abstract_model.table_features
+                                  else None)

@@ -631,7 +631,7 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
     if solver:
         from jax.sharding import NamedSharding, PartitionSpec
         from jaxreco.train import ials
-        ut, it = ials.check_model(cfg.model, abstract_model)
+        ut, it, ib = ials.check_model(cfg.model, abstract_model)
         dim = int(abstract_model.user_mf.shape[1])
         users = ials.group_rows(train_cols["user"], train_cols["item"], task.num_users,
                                 task.num_items, pad_row=int(abstract_model.user_mf.shape[0]),
@@ -645,7 +645,8 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
         train_step = jax.jit(ials.make_epoch(users, items, user_table=ut, item_table=it,
                                              alpha0=float(oc.unobserved_weight),
                                              reg=float(cfg.model.reg),
-                                             nu=float(oc.reg_exponent)),
+                                             nu=float(oc.reg_exponent),
+                                             item_bias_table=ib),
                              out_shardings=(shardings, None), donate_argnums=0)
         log.info("ials: %d users, %d items, %d positives (%d padded slots per half-epoch)",
                  task.num_users, task.num_items, users.nnz, max(users.padded, items.padded))
