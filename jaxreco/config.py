@@ -105,6 +105,8 @@ class OptimizerConfig:
     # the exponent of the frequency-scaled regularization λ(|I_u| + α₀|I|)^ν (λ = model.reg)
     unobserved_weight: float = 0.3
     reg_exponent: float = 1.0
+    # ... and β: an unobserved (u, i) weighs α₀·w_i, w_i ∝ (positives of i)^β, mean 1 (0: uniform)
+    unobserved_exponent: float = 0.0
 
 
 @dataclasses.dataclass

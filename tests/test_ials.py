@@ -42,17 +42,20 @@ def _sides(u, i, pad_users, pad_items, chunk_elements=64):
             ials.group_rows(i, u, ITEMS, USERS, pad_row=pad_items, **kw))
 
 
-def _closed_form(y, hist, alpha0, reg, nu, b=None):
+def _closed_form(y, hist, alpha0, reg, nu, b=None, col_w=None, row_w=None):
     """Row solutions in float64: (Σ_h y_h y_hᵀ + α₀ YᵀY + λ(n + α₀N)^ν I)⁻¹ Σ_h y_h, or with
     a column offset b (ŷ = x·y + b): right-hand side Σ_h (1 − b_h) y_h − α₀ Yᵀb."""
     y = y.astype(np.float64)
     b = np.zeros(len(y)) if b is None else b.astype(np.float64)
-    g = alpha0 * y.T @ y
+    cw = np.ones(len(y)) if col_w is None else col_w.astype(np.float64)
+    g = alpha0 * (y * cw[:, None]).T @ y
     out = {}
     for r, h in hist.items():
-        yh = y[h]
-        a = yh.T @ yh + g + reg * (len(h) + alpha0 * len(y)) ** nu * np.eye(y.shape[1])
-        out[r] = np.linalg.solve(a, ((1 - b[h])[:, None] * yh).sum(0) - alpha0 * y.T @ b)
+        yh, rw = y[h], 1.0 if row_w is None else float(row_w[r])
+        a = (yh.T @ yh + rw * g
+             + reg * (len(h) + alpha0 * rw * len(y)) ** nu * np.eye(y.shape[1]))
+        out[r] = np.linalg.solve(a, ((1 - b[h])[:, None] * yh).sum(0)
+                                 - alpha0 * (y * cw[:, None]).T @ b)
     return out
 
 
@@ -75,10 +78,10 @@ def test_grouping_covers_every_positive_once_in_bounded_chunks():
         ials.group_rows(u, i + ITEMS, USERS, ITEMS, pad_row=16, dim=DIM)
 
 
-@pytest.mark.parametrize("alpha0, reg, nu, biased", [(0.3, 0.05, 1.0, False),
-                                                    (1.0, 0.5, 0.0, False),
-                                                    (0.3, 0.05, 1.0, True)])
-def test_half_step_is_the_exact_least_squares_solution(alpha0, reg, nu, biased):
+@pytest.mark.parametrize("alpha0, reg, nu, biased, weighted", [
+    (0.3, 0.05, 1.0, False, False), (1.0, 0.5, 0.0, False, False),
+    (0.3, 0.05, 1.0, True, False), (0.3, 0.05, 1.0, True, True)])
+def test_half_step_is_the_exact_least_squares_solution(alpha0, reg, nu, biased, weighted):
     u, i = _positives()
     pad_u, pad_i = 16, 16                        # tables padded past the real rows
     rng = np.random.default_rng(1)
@@ -87,13 +90,16 @@ def test_half_step_is_the_exact_least_squares_solution(alpha0, reg, nu, biased):
     users, _ = _sides(u, i, pad_u, pad_i)
     data = ials.epoch_data(users, users)["users"]
     bias = rng.normal(0, 0.3, pad_i).astype(np.float32) if biased else None
-    new, _ = jax.jit(lambda p, q, d, b: ials._solve_side(
-        p, q, d, USERS, ITEMS, alpha0=alpha0, reg=reg, nu=nu, with_loss=False, y_bias=b))(
-        p, q, data, bias)
+    cw = rng.uniform(0.2, 2.0, pad_i).astype(np.float32) if weighted else None
+    rw = rng.uniform(0.2, 2.0, pad_u).astype(np.float32) if weighted else None
+    new, _ = jax.jit(lambda p, q, d, b, cw, rw: ials._solve_side(
+        p, q, d, USERS, ITEMS, alpha0=alpha0, reg=reg, nu=nu, with_loss=False, y_bias=b,
+        col_weight=cw, row_weight=rw))(p, q, data, bias, cw, rw)
     new = np.asarray(new)
     hist = {r: i[u == r] for r in range(USERS) if (u == r).any()}
     want = _closed_form(q[:ITEMS], hist, alpha0, reg, nu,
-                        None if bias is None else bias[:ITEMS])
+                        None if bias is None else bias[:ITEMS],
+                        None if cw is None else cw[:ITEMS], rw)
     for r, w in want.items():
         np.testing.assert_allclose(new[r], w, rtol=2e-4, atol=2e-5)
     # a user with no positives and the padding rows are left as they were
@@ -112,23 +118,27 @@ def _state(mesh, rules, bias=False):
                         mesh, rules)
 
 
-def _objective(p, q, u, i, alpha0, reg, nu, b=None):
+def _objective(p, q, u, i, alpha0, reg, nu, b=None, beta=0.0):
     p, q = p[:USERS].astype(np.float64), q[:ITEMS].astype(np.float64)
     b = np.zeros(ITEMS) if b is None else b[:ITEMS, 0].astype(np.float64)
     s = p @ q.T + b[None, :]
     fu, fi = np.bincount(u, minlength=USERS), np.bincount(i, minlength=ITEMS)
-    return ((np.sum((1 - s[u, i]) ** 2) + alpha0 * np.sum(s ** 2)
+    w = fi.astype(np.float64) ** beta
+    w = w * ITEMS / w.sum()
+    return ((np.sum((1 - s[u, i]) ** 2) + alpha0 * np.sum(w[None, :] * s ** 2)
              + reg * np.sum((fu + alpha0 * ITEMS) ** nu * np.sum(p * p, 1))
-             + reg * np.sum((fi + alpha0 * USERS) ** nu * (np.sum(q * q, 1) + b * b))) / len(u))
+             + reg * np.sum((fi + alpha0 * w * USERS) ** nu * (np.sum(q * q, 1) + b * b)))
+            / len(u))
 
 
-def _run_epochs(mesh, rules, n=5, alpha0=0.3, reg=0.05, nu=1.0, bias=False):
+def _run_epochs(mesh, rules, n=5, alpha0=0.3, reg=0.05, nu=1.0, bias=False, beta=0.0):
     u, i = _positives()
     _, state, shardings = _state(mesh, rules, bias)
     users, items = _sides(u, i, 16, 16)
     epoch = jax.jit(ials.make_epoch(users, items, user_table="user_mf", item_table="item_mf",
                                     alpha0=alpha0, reg=reg, nu=nu,
-                                    item_bias_table="item_bias" if bias else None),
+                                    item_bias_table="item_bias" if bias else None,
+                                    pop_exponent=beta),
                     out_shardings=(shardings, None))
     data = jax.device_put(ials.epoch_data(users, items), NamedSharding(mesh, P()))
     losses, tables = [], []
@@ -138,15 +148,15 @@ def _run_epochs(mesh, rules, n=5, alpha0=0.3, reg=0.05, nu=1.0, bias=False):
         losses.append(float(m["loss"]))
         tables.append(v)
         want = _objective(v["user_mf"], v["item_mf"], u, i, alpha0, reg, nu,
-                          v["item_bias"] if bias else None)
+                          v["item_bias"] if bias else None, beta)
         assert losses[-1] == pytest.approx(want, rel=1e-4)
     return losses, tables, state
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_reported_loss_is_the_objective_and_never_increases(bias):
+@pytest.mark.parametrize("bias, beta", [(False, 0.0), (True, 0.0), (True, 0.5)])
+def test_reported_loss_is_the_objective_and_never_increases(bias, beta):
     mesh = make_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
-    losses, tables, state = _run_epochs(mesh, ONE, bias=bias)
+    losses, tables, state = _run_epochs(mesh, ONE, bias=bias, beta=beta)
     if bias:                                       # the item bias is fitted, the user's not
         assert np.abs(tables[-1]["item_bias"][:ITEMS]).max() > 1e-3
         assert not tables[-1]["user_bias"].any()

@@ -104,23 +104,27 @@ def group_rows(row_ids: np.ndarray, col_ids: np.ndarray, num_rows: int, num_cols
 
 
 def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
-                alpha0: float, reg: float, nu: float, with_loss: bool, y_bias=None):
+                alpha0: float, reg: float, nu: float, with_loss: bool, y_bias=None,
+                col_weight=None, row_weight=None):
     """New rows of ``x_table`` (the first ``num_rows``) given ``y_table`` fixed; and, when
     ``with_loss``, ``Σ_{observed} (1 − ŷ)²`` at the new rows.
 
     ``y_bias`` (``[rows of y_table]``): a fixed per-column offset, ``ŷ = x·y + b_y``; the
-    row solves become ``(…) x = Σ_obs (1 − b_y) y − α₀ Yᵀb``.
+    row solves become ``(…) x = Σ_obs (1 − b_y) y − α₀ Yᵀb``. ``col_weight`` / ``row_weight``
+    (``[rows of y_table]`` / ``[rows of x_table]``, mean 1 over the real rows): the weight of
+    an unobserved pair is ``α₀ · w_col · w_row`` instead of ``α₀``.
     """
     d = x_table.shape[1]
     y = y_table[:num_cols].astype(jnp.float32)
-    gram = jnp.matmul(y.T, y, precision=HIGHEST)
+    yw = y if col_weight is None else y * col_weight[:num_cols, None].astype(jnp.float32)
+    gram = jnp.matmul(yw.T, y, precision=HIGHEST)
     y_pad = jnp.concatenate([y, jnp.zeros((1, d), jnp.float32)])
     if y_bias is None:
         yb_pad, rhs0 = jnp.zeros((num_cols + 1,), jnp.float32), jnp.zeros((d,), jnp.float32)
     else:
         yb = y_bias[:num_cols].astype(jnp.float32)
         yb_pad = jnp.concatenate([yb, jnp.zeros((1,), jnp.float32)])
-        rhs0 = alpha0 * jnp.matmul(y.T, yb, precision=HIGHEST)
+        rhs0 = alpha0 * jnp.matmul(yw.T, yb, precision=HIGHEST)
     eye = jnp.eye(d, dtype=jnp.float32)
     n_other = float(num_cols)
     obs = jnp.zeros((), jnp.float32)
@@ -132,10 +136,13 @@ def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
         has_bias = y_bias is not None
 
         def chunk(args):
-            c, n = args
+            c, n, r = args
+            rw = (jnp.ones(r.shape, jnp.float32) if row_weight is None
+                  else row_weight.at[r].get(mode="fill", fill_value=1.0).astype(jnp.float32))
             yc = y_pad[c]                                             # [R, L, d]
-            a = jnp.einsum("rld,rle->rde", yc, yc, precision=HIGHEST) + alpha0 * gram
-            lam = reg * (n + alpha0 * n_other) ** nu
+            a = (jnp.einsum("rld,rle->rde", yc, yc, precision=HIGHEST)
+                 + alpha0 * rw[:, None, None] * gram)
+            lam = reg * (n + alpha0 * rw * n_other) ** nu
             a = a + lam[:, None, None] * eye
             bc = yb_pad[c]                                            # [R, L]
             b = (jnp.sum(yc * (1.0 - bc)[..., None], axis=1) - rhs0 if has_bias
@@ -149,7 +156,7 @@ def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
             s = jnp.einsum("rld,rd->rl", yc, sol, precision=HIGHEST) + bc
             return sol, jnp.sum(jnp.where(c < num_cols, jnp.square(1.0 - s), 0.0))
 
-        sols, losses = jax.lax.map(chunk, (cols, counts))
+        sols, losses = jax.lax.map(chunk, (cols, counts, rows))
         x_table = x_table.at[rows.reshape(-1)].set(sols.reshape(-1, d).astype(x_table.dtype),
                                                     mode="drop")
         obs = obs + jnp.sum(losses)
@@ -157,7 +164,8 @@ def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
 
 
 def make_epoch(users: Side, items: Side, *, user_table: str, item_table: str,
-               alpha0: float, reg: float, nu: float, item_bias_table: str | None = None):
+               alpha0: float, reg: float, nu: float, item_bias_table: str | None = None,
+               pop_exponent: float = 0.0):
     """``epoch(state, data) -> (state, {"loss": L / |S|})``: one user half-step, one item
     half-step. ``data`` is :func:`epoch_data` (passed as arguments, not baked into the
     program as constants).
@@ -165,6 +173,10 @@ def make_epoch(users: Side, items: Side, *, user_table: str, item_table: str,
     ``item_bias_table``: also fit an item bias, ``ŷ = p_u·q_i + b_i`` (λ on ``b_i`` as on
     ``q_i``): the item half-step solves ``[q_i, b_i]`` against ``[p_u, 1]``, the user
     half-step takes ``b`` as a fixed offset.
+
+    ``pop_exponent`` β > 0: an unobserved (u, i) weighs ``α₀ w_i`` with ``w_i ∝ |U_i|^β``
+    (mean 1 over the items; eALS, He et al. 2016): popular items are pushed harder towards
+    0 where unobserved, and the item's regularization counts ``|U_i| + α₀ w_i |U|`` terms.
     """
     nu_, nu_i = users.num_rows, items.num_rows
 
@@ -173,21 +185,27 @@ def make_epoch(users: Side, items: Side, *, user_table: str, item_table: str,
         p, q = values[user_table], values[item_table]
         d = q.shape[1]
         bias = values[item_bias_table][:, 0] if item_bias_table else None
+        w = None
+        if pop_exponent:
+            f = data["item_freq"] ** pop_exponent
+            w = jnp.zeros((q.shape[0],), jnp.float32).at[:nu_i].set(f * (nu_i / jnp.sum(f)))
         p, _ = _solve_side(p, q, data["users"], nu_, nu_i, alpha0=alpha0, reg=reg, nu=nu,
-                           with_loss=False, y_bias=bias)
+                           with_loss=False, y_bias=bias, col_weight=w)
         if bias is not None:                # augmented: [q_i, b_i] against [p_u, 1]
             p_side = jnp.concatenate([p, jnp.ones((p.shape[0], 1), p.dtype)], axis=1)
             q = jnp.concatenate([q, bias[:, None].astype(q.dtype)], axis=1)
         else:
             p_side = p
         q, obs = _solve_side(q, p_side, data["items"], nu_i, nu_, alpha0=alpha0, reg=reg,
-                             nu=nu, with_loss=True)
+                             nu=nu, with_loss=True, row_weight=w)
         pu, qi = p_side[:nu_], q[:nu_i]
+        wi = jnp.ones((nu_i,), jnp.float32) if w is None else w[:nu_i]
         gp = jnp.matmul(pu.T, pu, precision=HIGHEST)
-        gq = jnp.matmul(qi.T, qi, precision=HIGHEST)
+        gq = jnp.matmul((qi * wi[:, None]).T, qi, precision=HIGHEST)
         pp = pu[:, :d]
         penalty = reg * (jnp.sum((data["user_freq"] + alpha0 * nu_i) ** nu * jnp.sum(pp * pp, 1))
-                         + jnp.sum((data["item_freq"] + alpha0 * nu_) ** nu * jnp.sum(qi * qi, 1)))
+                         + jnp.sum((data["item_freq"] + alpha0 * wi * nu_) ** nu
+                                   * jnp.sum(qi * qi, 1)))
         loss = (obs + alpha0 * jnp.sum(gp * gq) + penalty) / users.nnz
         tables = jax.tree.map(lambda v: v, state.tables)
         tables[user_table] = state.tables[user_table].replace(p)

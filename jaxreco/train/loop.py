@@ -646,7 +646,8 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
                                              alpha0=float(oc.unobserved_weight),
                                              reg=float(cfg.model.reg),
                                              nu=float(oc.reg_exponent),
-                                             item_bias_table=ib),
+                                             item_bias_table=ib,
+                                             pop_exponent=float(oc.unobserved_exponent)),
                              out_shardings=(shardings, None), donate_argnums=0)
         log.info("ials: %d users, %d items, %d positives (%d padded slots per half-epoch)",
                  task.num_users, task.num_items, users.nnz, max(users.padded, items.padded))
