@@ -107,6 +107,10 @@ class OptimizerConfig:
     reg_exponent: float = 1.0
     # ... and β: an unobserved (u, i) weighs α₀·w_i, w_i ∝ (positives of i)^β, mean 1 (0: uniform)
     unobserved_exponent: float = 0.0
+    # ... and recency: a positive weighs c = 1 + recency_weight · 2^(−k / recency_half_life),
+    # k = the user's later train positives (needs timestamps; 0: every positive weighs 1)
+    recency_weight: float = 0.0
+    recency_half_life: float = 8.0
 
 
 @dataclasses.dataclass

@@ -36,15 +36,16 @@ def _positives(seed=0):
     return np.array(u), np.array(i)
 
 
-def _sides(u, i, pad_users, pad_items, chunk_elements=64):
-    kw = dict(dim=DIM, chunk_elements=chunk_elements, min_len=2)
+def _sides(u, i, pad_users, pad_items, chunk_elements=64, conf=None):
+    kw = dict(dim=DIM, chunk_elements=chunk_elements, min_len=2, weights=conf)
     return (ials.group_rows(u, i, USERS, ITEMS, pad_row=pad_users, **kw),
             ials.group_rows(i, u, ITEMS, USERS, pad_row=pad_items, **kw))
 
 
-def _closed_form(y, hist, alpha0, reg, nu, b=None, col_w=None, row_w=None):
-    """Row solutions in float64: (Σ_h y_h y_hᵀ + α₀ YᵀY + λ(n + α₀N)^ν I)⁻¹ Σ_h y_h, or with
-    a column offset b (ŷ = x·y + b): right-hand side Σ_h (1 − b_h) y_h − α₀ Yᵀb."""
+def _closed_form(y, hist, alpha0, reg, nu, b=None, col_w=None, row_w=None, conf=None):
+    """Row solutions in float64: (Σ_h c_h y_h y_hᵀ + α₀ YᵀY + λ(n + α₀N)^ν I)⁻¹ Σ_h c_h y_h,
+    or with a column offset b (ŷ = x·y + b): right-hand side Σ_h c_h (1 − b_h) y_h − α₀ Yᵀb.
+    ``conf[r]``: the confidences c_h of row r's history (default 1)."""
     y = y.astype(np.float64)
     b = np.zeros(len(y)) if b is None else b.astype(np.float64)
     cw = np.ones(len(y)) if col_w is None else col_w.astype(np.float64)
@@ -52,11 +53,30 @@ def _closed_form(y, hist, alpha0, reg, nu, b=None, col_w=None, row_w=None):
     out = {}
     for r, h in hist.items():
         yh, rw = y[h], 1.0 if row_w is None else float(row_w[r])
-        a = (yh.T @ yh + rw * g
+        c = np.ones(len(h)) if conf is None else conf[r].astype(np.float64)
+        a = ((c[:, None] * yh).T @ yh + rw * g
              + reg * (len(h) + alpha0 * rw * len(y)) ** nu * np.eye(y.shape[1]))
-        out[r] = np.linalg.solve(a, ((1 - b[h])[:, None] * yh).sum(0)
+        out[r] = np.linalg.solve(a, ((c * (1 - b[h]))[:, None] * yh).sum(0)
                                  - alpha0 * (y * cw[:, None]).T @ b)
     return out
+
+
+def test_recency_weights_count_later_positives_in_timestamp_then_row_order():
+    user = np.array([0, 0, 1, 0, 1])
+    ts = np.array([5, 3, 7, 5, 1])
+    # user 0: row 1 (t 3), row 0 (t 5), row 3 (t 5, later row) -> k = 1, 2, -, 0
+    # user 1: row 4 (t 1), row 2 (t 7) -> k(row 2) = 0, k(row 4) = 1
+    c = ials.recency_weights(user, ts, strength=2.0, half_life=1.0)
+    np.testing.assert_allclose(c, [1 + 2 / 2, 1 + 2 / 4, 3.0, 3.0, 2.0])
+    np.testing.assert_array_equal(ials.recency_weights(user, ts, strength=0.0, half_life=4.0),
+                                  np.ones(5))
+    with pytest.raises(ValueError, match="half_life=0"):
+        ials.recency_weights(user, ts, strength=1.0, half_life=0.0)
+    with pytest.raises(ValueError, match="4 timestamps"):
+        ials.recency_weights(user, ts[:4], strength=1.0, half_life=1.0)
+    u, i = _positives()
+    with pytest.raises(ValueError, match="must be finite and > 0"):
+        ials.group_rows(u, i, USERS, ITEMS, pad_row=16, dim=DIM, weights=np.zeros(len(u)))
 
 
 def test_grouping_covers_every_positive_once_in_bounded_chunks():
@@ -78,16 +98,23 @@ def test_grouping_covers_every_positive_once_in_bounded_chunks():
         ials.group_rows(u, i + ITEMS, USERS, ITEMS, pad_row=16, dim=DIM)
 
 
-@pytest.mark.parametrize("alpha0, reg, nu, biased, weighted", [
-    (0.3, 0.05, 1.0, False, False), (1.0, 0.5, 0.0, False, False),
-    (0.3, 0.05, 1.0, True, False), (0.3, 0.05, 1.0, True, True)])
-def test_half_step_is_the_exact_least_squares_solution(alpha0, reg, nu, biased, weighted):
+def _confidences(n, seed=2):
+    return np.random.default_rng(seed).uniform(0.5, 4.0, n)
+
+
+@pytest.mark.parametrize("alpha0, reg, nu, biased, weighted, confident", [
+    (0.3, 0.05, 1.0, False, False, False), (1.0, 0.5, 0.0, False, False, False),
+    (0.3, 0.05, 1.0, True, False, False), (0.3, 0.05, 1.0, True, True, False),
+    (0.3, 0.05, 1.0, False, False, True), (0.3, 0.05, 1.0, True, True, True)])
+def test_half_step_is_the_exact_least_squares_solution(alpha0, reg, nu, biased, weighted,
+                                                       confident):
     u, i = _positives()
     pad_u, pad_i = 16, 16                        # tables padded past the real rows
     rng = np.random.default_rng(1)
     p = rng.normal(0, 0.3, (pad_u, DIM)).astype(np.float32)
     q = rng.normal(0, 0.3, (pad_i, DIM)).astype(np.float32)
-    users, _ = _sides(u, i, pad_u, pad_i)
+    conf = _confidences(len(u)) if confident else None
+    users, _ = _sides(u, i, pad_u, pad_i, conf=conf)
     data = ials.epoch_data(users, users)["users"]
     bias = rng.normal(0, 0.3, pad_i).astype(np.float32) if biased else None
     cw = rng.uniform(0.2, 2.0, pad_i).astype(np.float32) if weighted else None
@@ -97,9 +124,10 @@ def test_half_step_is_the_exact_least_squares_solution(alpha0, reg, nu, biased, 
         col_weight=cw, row_weight=rw))(p, q, data, bias, cw, rw)
     new = np.asarray(new)
     hist = {r: i[u == r] for r in range(USERS) if (u == r).any()}
+    confs = None if conf is None else {r: conf[u == r] for r in hist}
     want = _closed_form(q[:ITEMS], hist, alpha0, reg, nu,
                         None if bias is None else bias[:ITEMS],
-                        None if cw is None else cw[:ITEMS], rw)
+                        None if cw is None else cw[:ITEMS], rw, confs)
     for r, w in want.items():
         np.testing.assert_allclose(new[r], w, rtol=2e-4, atol=2e-5)
     # a user with no positives and the padding rows are left as they were
@@ -118,23 +146,26 @@ def _state(mesh, rules, bias=False):
                         mesh, rules)
 
 
-def _objective(p, q, u, i, alpha0, reg, nu, b=None, beta=0.0):
+def _objective(p, q, u, i, alpha0, reg, nu, b=None, beta=0.0, conf=None):
     p, q = p[:USERS].astype(np.float64), q[:ITEMS].astype(np.float64)
+    c = np.ones(len(u)) if conf is None else conf
     b = np.zeros(ITEMS) if b is None else b[:ITEMS, 0].astype(np.float64)
     s = p @ q.T + b[None, :]
     fu, fi = np.bincount(u, minlength=USERS), np.bincount(i, minlength=ITEMS)
     w = fi.astype(np.float64) ** beta
     w = w * ITEMS / w.sum()
-    return ((np.sum((1 - s[u, i]) ** 2) + alpha0 * np.sum(w[None, :] * s ** 2)
+    return ((np.sum(c * (1 - s[u, i]) ** 2) + alpha0 * np.sum(w[None, :] * s ** 2)
              + reg * np.sum((fu + alpha0 * ITEMS) ** nu * np.sum(p * p, 1))
              + reg * np.sum((fi + alpha0 * w * USERS) ** nu * (np.sum(q * q, 1) + b * b)))
             / len(u))
 
 
-def _run_epochs(mesh, rules, n=5, alpha0=0.3, reg=0.05, nu=1.0, bias=False, beta=0.0):
+def _run_epochs(mesh, rules, n=5, alpha0=0.3, reg=0.05, nu=1.0, bias=False, beta=0.0,
+                confident=False):
     u, i = _positives()
     _, state, shardings = _state(mesh, rules, bias)
-    users, items = _sides(u, i, 16, 16)
+    conf = _confidences(len(u)) if confident else None
+    users, items = _sides(u, i, 16, 16, conf=conf)
     epoch = jax.jit(ials.make_epoch(users, items, user_table="user_mf", item_table="item_mf",
                                     alpha0=alpha0, reg=reg, nu=nu,
                                     item_bias_table="item_bias" if bias else None,
@@ -148,15 +179,17 @@ def _run_epochs(mesh, rules, n=5, alpha0=0.3, reg=0.05, nu=1.0, bias=False, beta
         losses.append(float(m["loss"]))
         tables.append(v)
         want = _objective(v["user_mf"], v["item_mf"], u, i, alpha0, reg, nu,
-                          v["item_bias"] if bias else None, beta)
+                          v["item_bias"] if bias else None, beta, conf)
         assert losses[-1] == pytest.approx(want, rel=1e-4)
     return losses, tables, state
 
 
-@pytest.mark.parametrize("bias, beta", [(False, 0.0), (True, 0.0), (True, 0.5)])
-def test_reported_loss_is_the_objective_and_never_increases(bias, beta):
+@pytest.mark.parametrize("bias, beta, confident", [
+    (False, 0.0, False), (True, 0.0, False), (True, 0.5, False), (False, 0.0, True),
+    (True, 0.5, True)])
+def test_reported_loss_is_the_objective_and_never_increases(bias, beta, confident):
     mesh = make_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
-    losses, tables, state = _run_epochs(mesh, ONE, bias=bias, beta=beta)
+    losses, tables, state = _run_epochs(mesh, ONE, bias=bias, beta=beta, confident=confident)
     if bias:                                       # the item bias is fitted, the user's not
         assert np.abs(tables[-1]["item_bias"][:ITEMS]).max() > 1e-3
         assert not tables[-1]["user_bias"].any()
@@ -203,6 +236,8 @@ def test_trainer_fits_resumes_and_refuses_other_models(tmp_path, ml_dir):  # noq
     assert det(_train(tmp_path, ml_dir, run="c")) == det(a)
     b = _train(tmp_path, ml_dir, "model.bias=true", run="b")       # + item bias
     assert b["test/hr@5"] > 0.6 and b["train/loss"] != a["train/loss"], b
+    r = _train(tmp_path, ml_dir, "optimizer.recency_weight=3", run="r")   # recency weights
+    assert r["test/hr@5"] > 0.6 and r["train/loss"] != a["train/loss"], r
     err = _train(tmp_path, ml_dir, "model.combiner=mlp", run="m", ok=False)
     assert "model.combiner='mlp'" in err and "optimizer=ials" in err
 

@@ -7,12 +7,13 @@ item table fixed, then every item row with the user table fixed, for the loss of
 (2008) in the form of Rendle et al. (2022, "Revisiting the performance of iALS on item
 recommendation benchmarks"):
 
-    L = Σ_{(u,i) ∈ S} (ŷ(u,i) − 1)²  +  α₀ Σ_u Σ_i ŷ(u,i)²
+    L = Σ_{(u,i) ∈ S} c_ui (ŷ(u,i) − 1)²  +  α₀ Σ_u Σ_i ŷ(u,i)²
         + λ Σ_u (|I_u| + α₀|I|)^ν ‖p_u‖²  +  λ Σ_i (|U_i| + α₀|U|)^ν ‖q_i‖²
 
-(``S`` the training positives, ``α₀`` = ``optimizer.unobserved_weight``, ``λ`` =
+(``S`` the training positives, ``c_ui`` their confidence — 1, or recency weights, see
+:func:`recency_weights` — ``α₀`` = ``optimizer.unobserved_weight``, ``λ`` =
 ``model.reg``, ``ν`` = ``optimizer.reg_exponent``: frequency-scaled regularization). Row
-``u``'s solution is ``(Σ_{i∈I_u} q_i q_iᵀ + α₀ QᵀQ + λ_u I)⁻¹ Σ_{i∈I_u} q_i``: the all-pairs
+``u``'s solution is ``(Σ_{i∈I_u} c_ui q_i q_iᵀ + α₀ QᵀQ + λ_u I)⁻¹ Σ_{i∈I_u} c_ui q_i``: the all-pairs
 term costs one Gramian ``QᵀQ`` per half-epoch, so no negatives are sampled and every
 unobserved pair counts.
 
@@ -43,6 +44,8 @@ class Side:
     ``rows[b]``: int32 ``[chunks, R]`` row ids (padding: ``pad_row``, dropped by the scatter);
     ``cols[b]``: int32 ``[chunks, R, L]`` the other side's ids (padding: ``num_cols``, a zero
     row); ``counts[b]``: float32 ``[chunks, R]`` history lengths; one entry per bucket.
+    ``weights[b]``: float32 ``[chunks, R, L]`` each positive's confidence ``c`` (0 on
+    padding), or ``None`` when every positive weighs 1.
     ``freq``: float32 ``[num_rows]`` every row's number of positives.
     """
 
@@ -53,6 +56,7 @@ class Side:
     num_rows: int
     num_cols: int
     nnz: int
+    weights: tuple[np.ndarray, ...] | None = None
 
     @property
     def padded(self) -> int:
@@ -61,8 +65,9 @@ class Side:
 
 def group_rows(row_ids: np.ndarray, col_ids: np.ndarray, num_rows: int, num_cols: int, *,
                pad_row: int, dim: int, chunk_elements: int = 1 << 24,
-               min_len: int = 8) -> Side:
-    """Groups the positives ``(row_ids[k], col_ids[k])`` by row into padded chunks.
+               min_len: int = 8, weights: np.ndarray | None = None) -> Side:
+    """Groups the positives ``(row_ids[k], col_ids[k])`` (confidence ``weights[k]``, default
+    1) by row into padded chunks.
 
     A row with ``n`` positives goes to the bucket of length ``L = max(min_len, 2^⌈log2 n⌉)``;
     a chunk holds ``R`` rows with ``R·L·dim ≤ chunk_elements`` (the gathered rows) and
@@ -76,13 +81,21 @@ def group_rows(row_ids: np.ndarray, col_ids: np.ndarray, num_rows: int, num_cols
                          or col_ids.min() < 0 or col_ids.max() >= num_cols):
         raise ValueError(f"ids out of range: rows in [{row_ids.min()}, {row_ids.max()}] of "
                          f"{num_rows}, columns in [{col_ids.min()}, {col_ids.max()}] of {num_cols}")
+    if weights is not None:
+        weights = np.asarray(weights, np.float64)
+        if weights.shape != row_ids.shape:
+            raise ValueError(f"{len(weights)} weights for {len(row_ids)} positives")
+        if len(weights) and not (np.isfinite(weights).all() and weights.min() > 0):
+            raise ValueError(f"positive weights must be finite and > 0; got min "
+                             f"{weights.min()}, max {weights.max()}")
     order = np.lexsort((col_ids, row_ids))
     cols_sorted = col_ids[order].astype(np.int32)
+    w_sorted = None if weights is None else weights[order].astype(np.float32)
     freq = np.bincount(row_ids, minlength=num_rows)
     starts = np.concatenate([[0], np.cumsum(freq)[:-1]])
     present = np.flatnonzero(freq)
     lens = np.maximum(min_len, 2 ** np.ceil(np.log2(np.maximum(freq[present], 1)))).astype(np.int64)
-    rows_out, cols_out, counts_out = [], [], []
+    rows_out, cols_out, counts_out, weights_out = [], [], [], []
     for L in np.unique(lens):
         rs = present[lens == L]
         cap = max(1, min(chunk_elements // (int(L) * dim), chunk_elements // (dim * dim)))
@@ -94,13 +107,38 @@ def group_rows(row_ids: np.ndarray, col_ids: np.ndarray, num_rows: int, num_cols
         n = np.concatenate([freq[rs], np.zeros(pad, np.int64)])
         pos = np.arange(int(L))[None, :]
         idx = np.concatenate([starts[rs], np.zeros(pad, np.int64)])[:, None] + pos
-        c = np.where(pos < n[:, None], cols_sorted[np.minimum(idx, max(len(cols_sorted) - 1, 0))],
-                     num_cols)
+        src = np.minimum(idx, max(len(cols_sorted) - 1, 0))
+        c = np.where(pos < n[:, None], cols_sorted[src], num_cols)
+        if w_sorted is not None:
+            weights_out.append(np.where(pos < n[:, None], w_sorted[src], 0.0)
+                               .reshape(n_chunks, R, int(L)).astype(np.float32))
         rows_out.append(r.reshape(n_chunks, R).astype(np.int32))
         cols_out.append(c.reshape(n_chunks, R, int(L)).astype(np.int32))
         counts_out.append(n.reshape(n_chunks, R).astype(np.float32))
     return Side(tuple(rows_out), tuple(cols_out), tuple(counts_out), freq.astype(np.float32),
-                num_rows, num_cols, len(row_ids))
+                num_rows, num_cols, len(row_ids),
+                None if weights is None else tuple(weights_out))
+
+
+def recency_weights(user: np.ndarray, timestamp: np.ndarray, *, strength: float,
+                    half_life: float) -> np.ndarray:
+    """Confidence of each positive: ``c = 1 + strength · 2^(−k / half_life)``, ``k`` the
+    number of the same user's positives after it (0 for the latest), ordered by
+    ``(timestamp, row order)``. A user's recent positives say more about the next one."""
+    user = np.asarray(user, np.int64)
+    timestamp = np.asarray(timestamp, np.int64)
+    if user.shape != timestamp.shape:
+        raise ValueError(f"{len(user)} users but {len(timestamp)} timestamps")
+    if not strength >= 0 or not half_life > 0:
+        raise ValueError(f"recency weights: strength={strength} must be >= 0 and "
+                         f"half_life={half_life} > 0")
+    order = np.lexsort((np.arange(len(user)), timestamp, user))
+    u_sorted = user[order]
+    freq = np.bincount(u_sorted, minlength=int(u_sorted.max()) + 1 if len(user) else 0)
+    ends = np.cumsum(freq)
+    k = np.empty(len(user), np.int64)
+    k[order] = ends[u_sorted] - 1 - np.arange(len(user))
+    return 1.0 + strength * np.exp2(-k / half_life)
 
 
 def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
@@ -128,7 +166,8 @@ def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
     eye = jnp.eye(d, dtype=jnp.float32)
     n_other = float(num_cols)
     obs = jnp.zeros((), jnp.float32)
-    for rows, cols, counts in zip(side["rows"], side["cols"], side["counts"]):
+    weights = side.get("weights") or (None,) * len(side["rows"])
+    for rows, cols, counts, wts in zip(side["rows"], side["cols"], side["counts"], weights):
         # One bucket after the other (the barrier makes this bucket's inputs depend on the
         # previous one's result), so only one bucket's gathered rows and Gram matrices are
         # live at a time.
@@ -136,17 +175,18 @@ def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
         has_bias = y_bias is not None
 
         def chunk(args):
-            c, n, r = args
+            c, n, r, wt = args
             rw = (jnp.ones(r.shape, jnp.float32) if row_weight is None
                   else row_weight.at[r].get(mode="fill", fill_value=1.0).astype(jnp.float32))
             yc = y_pad[c]                                             # [R, L, d]
-            a = (jnp.einsum("rld,rle->rde", yc, yc, precision=HIGHEST)
+            ycw = yc if wt is None else yc * wt[..., None]            # c_ui · y_i
+            a = (jnp.einsum("rld,rle->rde", ycw, yc, precision=HIGHEST)
                  + alpha0 * rw[:, None, None] * gram)
             lam = reg * (n + alpha0 * rw * n_other) ** nu
             a = a + lam[:, None, None] * eye
             bc = yb_pad[c]                                            # [R, L]
-            b = (jnp.sum(yc * (1.0 - bc)[..., None], axis=1) - rhs0 if has_bias
-                 else jnp.sum(yc, axis=1))
+            b = (jnp.sum(ycw * (1.0 - bc)[..., None], axis=1) - rhs0 if has_bias
+                 else jnp.sum(ycw, axis=1))
             chol = jnp.linalg.cholesky(a)
             z = jax.lax.linalg.triangular_solve(chol, b[..., None], left_side=True, lower=True)
             sol = jax.lax.linalg.triangular_solve(chol, z, left_side=True, lower=True,
@@ -154,9 +194,10 @@ def _solve_side(x_table, y_table, side: dict, num_rows: int, num_cols: int, *,
             if not with_loss:
                 return sol, jnp.zeros((), jnp.float32)
             s = jnp.einsum("rld,rd->rl", yc, sol, precision=HIGHEST) + bc
-            return sol, jnp.sum(jnp.where(c < num_cols, jnp.square(1.0 - s), 0.0))
+            err = jnp.square(1.0 - s) if wt is None else wt * jnp.square(1.0 - s)
+            return sol, jnp.sum(jnp.where(c < num_cols, err, 0.0))
 
-        sols, losses = jax.lax.map(chunk, (cols, counts, rows))
+        sols, losses = jax.lax.map(chunk, (cols, counts, rows, wts))
         x_table = x_table.at[rows.reshape(-1)].set(sols.reshape(-1, d).astype(x_table.dtype),
                                                     mode="drop")
         obs = obs + jnp.sum(losses)
@@ -218,7 +259,12 @@ def make_epoch(users: Side, items: Side, *, user_table: str, item_table: str,
 
 
 def epoch_data(users: Side, items: Side) -> dict:
-    as_dict = lambda s: {"rows": s.rows, "cols": s.cols, "counts": s.counts}  # noqa: E731
+    def as_dict(s: Side) -> dict:
+        d = {"rows": s.rows, "cols": s.cols, "counts": s.counts}
+        if s.weights is not None:
+            d["weights"] = s.weights
+        return d
+
     return {"users": as_dict(users), "items": as_dict(items),
             "user_freq": users.freq, "item_freq": items.freq}
 

@@ -298,10 +298,14 @@ class PreparedTask:
             for s in self.split:
                 self.split[s][f] = np.asarray(self.split[s][f], np.int32)
         tr = self.split["train"]
+        self.train_timestamp = None     # of the implicit positives (optimizer=ials recency)
         if self.kind == "implicit":
             pos = tr["label"] > 0 if self.has_label else slice(None)
             self.train_cols = {"user": np.ascontiguousarray(tr["user"][pos], np.int32),
                                "item": np.ascontiguousarray(tr["item"][pos], np.int32)}
+            if "timestamp" in schema:
+                self.train_timestamp = np.asarray(
+                    load_split(out, "train", ["timestamp"])["timestamp"], np.int64)[pos]
         else:
             self.train_cols = {c: np.ascontiguousarray(v) for c, v in tr.items()}
         self.has_val = len(self.split["val"]["user"]) > 0
@@ -633,13 +637,22 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
         from jaxreco.train import ials
         ut, it, ib = ials.check_model(cfg.model, abstract_model)
         dim = int(abstract_model.user_mf.shape[1])
+        oc = cfg.optimizer
+        conf = None
+        if float(oc.recency_weight):
+            if getattr(task, "train_timestamp", None) is None:
+                raise ValueError(f"optimizer.recency_weight={oc.recency_weight} needs "
+                                 f"timestamps; dataset {cfg.dataset.name!r} has none "
+                                 "(set optimizer.recency_weight=0)")
+            conf = ials.recency_weights(train_cols["user"], task.train_timestamp,
+                                        strength=float(oc.recency_weight),
+                                        half_life=float(oc.recency_half_life))
         users = ials.group_rows(train_cols["user"], train_cols["item"], task.num_users,
                                 task.num_items, pad_row=int(abstract_model.user_mf.shape[0]),
-                                dim=dim)
+                                dim=dim, weights=conf)
         items = ials.group_rows(train_cols["item"], train_cols["user"], task.num_items,
                                 task.num_users, pad_row=int(abstract_model.item_mf.shape[0]),
-                                dim=dim)
-        oc = cfg.optimizer
+                                dim=dim, weights=conf)
         ials_data = jax.device_put(ials.epoch_data(users, items),
                                    NamedSharding(mesh, PartitionSpec()))
         train_step = jax.jit(ials.make_epoch(users, items, user_table=ut, item_table=it,
