@@ -12,6 +12,8 @@ row solved, then every item row) on the default device. Prints ``name: value`` l
   ials_compile_s_<dim>          first epoch (compile + run)
   ials_epoch_s_<dim>            median epoch after it
   ials_positives_per_s_<dim>    positives / epoch time
+  ials_epoch_s_<dim>_recency    median epoch with recency weights (``--recency_weight``,
+                                random timestamps): the per-positive confidences' cost
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def _args():
     p.add_argument("--dims", type=int, nargs="+", default=[64, 192])
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recency_weight", type=float, default=60.0,
+                   help="also time epochs with recency-weighted positives (0: skip)")
     return p.parse_args()
 
 
@@ -60,34 +64,44 @@ def main() -> None:
     print(f"ials_positives: {len(u)}")
     mesh = make_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
     rules = {"batch": None, "user": None, "item": None, "embed": None}
+    ts = np.random.default_rng(a.seed + 1).integers(0, 10**9, len(u))
+    conf = (ials.recency_weights(u, ts, strength=a.recency_weight, half_life=3.0)
+            if a.recency_weight else None)
     for dim in a.dims:
-        users = ials.group_rows(u, i, a.users, a.items, pad_row=a.users, dim=dim)
-        items = ials.group_rows(i, u, a.items, a.users, pad_row=a.items, dim=dim)
-        if dim == a.dims[0]:
-            print(f"ials_padded_fraction: {(users.padded + items.padded) / (2 * len(u)):.3f}")
-        _, state, shardings = create_state(
-            lambda: EmbedMLP(a.users, a.items, combiner="dot", mf_dim=dim, bias=False,
-                             init_std=0.1 / dim ** 0.5, rngs=nnx.Rngs(a.seed)),
-            optim.row_optimizer("ials"), optim.dense_optimizer("adam", 0.0), mesh, rules)
-        epoch = jax.jit(ials.make_epoch(users, items, user_table="user_mf",
-                                        item_table="item_mf", alpha0=0.2, reg=0.007, nu=1.0),
-                        out_shardings=(shardings, None), donate_argnums=0)
-        data = jax.device_put(ials.epoch_data(users, items), NamedSharding(mesh, P()))
+        for weights in ([None, conf] if conf is not None else [None]):
+            suffix = "" if weights is None else "_recency"
+            users = ials.group_rows(u, i, a.users, a.items, pad_row=a.users, dim=dim,
+                                    weights=weights)
+            items = ials.group_rows(i, u, a.items, a.users, pad_row=a.items, dim=dim,
+                                    weights=weights)
+            if dim == a.dims[0] and weights is None:
+                print(f"ials_padded_fraction: {(users.padded + items.padded) / (2 * len(u)):.3f}")
+            _time(a, dim, users, items, len(u), mesh, rules, suffix)
+
+
+def _time(a, dim, users, items, n, mesh, rules, suffix) -> None:
+    _, state, shardings = create_state(
+        lambda: EmbedMLP(a.users, a.items, combiner="dot", mf_dim=dim, bias=False,
+                         init_std=0.1 / dim ** 0.5, rngs=nnx.Rngs(a.seed)),
+        optim.row_optimizer("ials"), optim.dense_optimizer("adam", 0.0), mesh, rules)
+    epoch = jax.jit(ials.make_epoch(users, items, user_table="user_mf",
+                                    item_table="item_mf", alpha0=0.2, reg=0.007, nu=1.0),
+                    out_shardings=(shardings, None), donate_argnums=0)
+    data = jax.device_put(ials.epoch_data(users, items), NamedSharding(mesh, P()))
+    t = time.perf_counter()
+    state, m = epoch(state, data)
+    jax.block_until_ready(m)
+    print(f"ials_compile_s_{dim}{suffix}: {time.perf_counter() - t:.2f}")
+    times = []
+    for _ in range(a.epochs):
         t = time.perf_counter()
         state, m = epoch(state, data)
         jax.block_until_ready(m)
-        print(f"ials_compile_s_{dim}: {time.perf_counter() - t:.2f}")
-        times = []
-        for _ in range(a.epochs):
-            t = time.perf_counter()
-            state, m = epoch(state, data)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t)
-        med = statistics.median(times)
-        print(f"ials_epoch_s_{dim}: {med:.3f}")
-        print(f"ials_positives_per_s_{dim}: {len(u) / med:.0f}")
-        print(f"ials_loss_{dim}: {float(m['loss']):.4f}")
-
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    print(f"ials_epoch_s_{dim}{suffix}: {med:.3f}")
+    print(f"ials_positives_per_s_{dim}{suffix}: {n / med:.0f}")
+    print(f"ials_loss_{dim}{suffix}: {float(m['loss']):.4f}")
 
 if __name__ == "__main__":
     main()
