@@ -242,6 +242,31 @@ def test_trainer_fits_resumes_and_refuses_other_models(tmp_path, ml_dir):  # noq
     assert "model.combiner='mlp'" in err and "optimizer=ials" in err
 
 
+def test_data_without_timestamps_trains_but_refuses_recency_weights(tmp_path):
+    """300 positives (fewer than trainer.batch_size: iALS takes whole tables, no batches)
+    from CSV files without a timestamp column."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "train.csv").write_text("user,item\n" + "".join(
+        f"u{u},i{i}\n" for u in range(30) for i in rng.choice(40, 10, replace=False)))
+    (tmp_path / "test.csv").write_text("user,item\n" + "".join(
+        f"u{u},i{(u * 7) % 40}\n" for u in range(30)))
+    args = ["jaxreco.cli.train", "dataset=from-files", f"dataset.train={tmp_path / 'train.csv'}",
+            f"dataset.test={tmp_path / 'test.csv'}", "model=embed_mlp", "model.combiner=dot",
+            "model.mf_dim=8", "model.bias=false", "task.kind=implicit", "optimizer=ials",
+            "+task.prepare.negatives={num: 20, sampler: uniform, seed: 0}", "trainer.epochs=3",
+            "trainer.progress_bar=false", "logger.tensorboard=false"]
+    env = {"JAXRECO_CACHE": str(tmp_path / "cache")}
+    p = run_cli(args + [f"hydra.run.dir={tmp_path / 'ok'}"], cwd=tmp_path, env_extra=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((tmp_path / "ok" / "metrics.json").read_text())
+    assert m["train/steps"] == 3 and "test/full/hr@10" in m
+    p = run_cli(args + [f"hydra.run.dir={tmp_path / 'bad'}", "optimizer.recency_weight=3"],
+                cwd=tmp_path, env_extra=env)
+    assert p.returncode != 0
+    assert "optimizer.recency_weight=3.0 needs timestamps" in p.stderr
+    assert "'from-files' has no timestamp column" in p.stderr
+
+
 def test_two_processes_with_row_sharded_tables_match_one(tmp_path, ml_dir):  # noqa: F811
     import os
     import subprocess

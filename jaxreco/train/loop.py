@@ -607,9 +607,11 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
         total_steps = min(total_steps, tc.max_steps)
     in_sharding = batch_sharding(mesh, rules)
     shard_index, shard_count = process_batch_shard(in_sharding, tc.batch_size)
-    ds = pipeline.train_dataset(train_cols, batch_size=tc.batch_size, num_epochs=tc.epochs,
-                                seed=cfg.seed, shard_index=shard_index, shard_count=shard_count)
-    data_iter = iter(ds)
+    # optimizer=ials reads whole tables, not batches: no input pipeline (nor a batch size
+    # that must fit the data)
+    data_iter = None if solver else iter(pipeline.train_dataset(
+        train_cols, batch_size=tc.batch_size, num_epochs=tc.epochs, seed=cfg.seed,
+        shard_index=shard_index, shard_count=shard_count))
 
     # ------------------------------------------------------------------ resume
     # Order: fresh state and iterator above; then the newest readable checkpoint step
@@ -642,8 +644,9 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
         if float(oc.recency_weight):
             if getattr(task, "train_timestamp", None) is None:
                 raise ValueError(f"optimizer.recency_weight={oc.recency_weight} needs "
-                                 f"timestamps; dataset {cfg.dataset.name!r} has none "
-                                 "(set optimizer.recency_weight=0)")
+                                 f"timestamps; dataset {cfg.dataset.name!r} has no timestamp "
+                                 "column (set optimizer.recency_weight=0, or for from-files "
+                                 "name it: dataset.columns.timestamp=<column>)")
             conf = ials.recency_weights(train_cols["user"], task.train_timestamp,
                                         strength=float(oc.recency_weight),
                                         half_life=float(oc.recency_half_life))
