@@ -103,5 +103,6 @@ def _time(a, dim, users, items, n, mesh, rules, suffix) -> None:
     print(f"ials_positives_per_s_{dim}{suffix}: {n / med:.0f}")
     print(f"ials_loss_{dim}{suffix}: {float(m['loss']):.4f}")
 
+
 if __name__ == "__main__":
     main()

@@ -298,14 +298,12 @@ class PreparedTask:
             for s in self.split:
                 self.split[s][f] = np.asarray(self.split[s][f], np.int32)
         tr = self.split["train"]
-        self.train_timestamp = None     # of the implicit positives (optimizer=ials recency)
+        self._train_rows = slice(None)  # the train rows behind train_cols
         if self.kind == "implicit":
             pos = tr["label"] > 0 if self.has_label else slice(None)
+            self._train_rows = pos
             self.train_cols = {"user": np.ascontiguousarray(tr["user"][pos], np.int32),
                                "item": np.ascontiguousarray(tr["item"][pos], np.int32)}
-            if "timestamp" in schema:
-                self.train_timestamp = np.asarray(
-                    load_split(out, "train", ["timestamp"])["timestamp"], np.int64)[pos]
         else:
             self.train_cols = {c: np.ascontiguousarray(v) for c, v in tr.items()}
         self.has_val = len(self.split["val"]["user"]) > 0
@@ -344,6 +342,15 @@ class PreparedTask:
         log.info("data %s (%s): %d users, %d items; train %d / val %d / test %d", meta["dataset"],
                  out, self.num_users, self.num_items, len(self.train_cols["user"]),
                  len(self.split["val"]["user"]), len(self.split["test"]["user"]))
+
+    def train_timestamps(self) -> np.ndarray | None:
+        """int64 timestamps of the rows of ``train_cols`` (None: the data has none); read
+        from the prepared train split only when asked (optimizer=ials recency weights)."""
+        from jaxreco.data.prepare import load_split
+        if "timestamp" not in self.meta["schema"]["interactions"]:
+            return None
+        ts = load_split(self.path, "train", ["timestamp"])["timestamp"]
+        return np.asarray(ts, np.int64)[self._train_rows]
 
     # ------------------------------------------------------------------ model and loss
     def model_fn(self):
@@ -642,12 +649,13 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> dict[str,
         oc = cfg.optimizer
         conf = None
         if float(oc.recency_weight):
-            if getattr(task, "train_timestamp", None) is None:
+            timestamps = task.train_timestamps()
+            if timestamps is None:
                 raise ValueError(f"optimizer.recency_weight={oc.recency_weight} needs "
                                  f"timestamps; dataset {cfg.dataset.name!r} has no timestamp "
                                  "column (set optimizer.recency_weight=0, or for from-files "
                                  "name it: dataset.columns.timestamp=<column>)")
-            conf = ials.recency_weights(train_cols["user"], task.train_timestamp,
+            conf = ials.recency_weights(train_cols["user"], timestamps,
                                         strength=float(oc.recency_weight),
                                         half_life=float(oc.recency_half_life))
         users = ials.group_rows(train_cols["user"], train_cols["item"], task.num_users,
