@@ -261,6 +261,8 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
     ts_hi = prep["timestamp_max"]
     r_lo, r_hi = prep["rating_min"], prep["rating_max"]
     bar = progress(total=hint, desc="ingest", unit="rows", unit_scale=True)
+    global_rows = not src.given_split and prep["split"]["kind"] == "random_global"
+    kept = 0
     try:
         for block in _prefetch(src.blocks()):
             n = len(block["user"])
@@ -269,6 +271,10 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
             row0 += n
             if keep is not None:
                 block = {k: v[keep] for k, v in block.items()}
+            if global_rows:   # each row's index among the kept source rows, in source order
+                m = len(block["user"])
+                block[_ROW] = np.arange(kept, kept + m, dtype=np.int64)
+                kept += m
             for k, v in block.items():
                 if k not in dtypes:
                     dtypes[k] = np.asarray(v).dtype.str
@@ -381,9 +387,16 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
     if src.given_split and sp["kind"] not in ("given", None):
         print(f"[prepare] {src.name} has given splits; ignoring split.kind={sp['kind']}",
               file=sys.stderr)
-    if kind not in ("random", "temporal", "leave_last_out", "given"):
-        raise DataError(f"prepare.split.kind={kind!r}: must be random, temporal, "
-                        "leave_last_out (or a source with given splits)")
+    if kind not in ("random", "random_global", "temporal", "leave_last_out", "given"):
+        raise DataError(f"prepare.split.kind={kind!r}: must be random, random_global, "
+                        "temporal, leave_last_out (or a source with given splits)")
+    global_codes = None
+    if kind == "random_global":
+        # one permutation of all kept source rows (jaxreco.data.split.random_split), so each
+        # split keeps the source's row order
+        global_codes = split_lib.random_codes(
+            kept, test_fraction=float(sp["test_fraction"]),
+            val_fraction=float(sp["val_fraction"]), rng=np.random.default_rng(int(sp["seed"])))
     if kind == "temporal" and not has_ts:
         raise DataError(f"{src.name}: split.kind=temporal needs timestamps; the source has none")
     cutoffs = None
@@ -421,6 +434,10 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
             codes = split_lib.random_codes(n, test_fraction=float(sp["test_fraction"]),
                                            val_fraction=float(sp["val_fraction"]),
                                            rng=np.random.default_rng([int(sp["seed"]), b]))
+        elif kind == "random_global":
+            order = np.argsort(d[_ROW], kind="stable")
+            d = {k: v[order] for k, v in d.items()}
+            codes = global_codes[d[_ROW]]
         elif kind == "temporal":
             codes = split_lib.temporal_codes(d["timestamp"], *cutoffs)
         elif kind == "leave_last_out":
@@ -432,6 +449,7 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
             codes = d.pop("split").astype(np.int8)
         d.pop("split", None)
         d.pop(_ARRIVAL, None)
+        d.pop(_ROW, None)
         for code, name in enumerate(split_lib.SPLIT_NAMES):
             sel = np.flatnonzero(codes == code)
             if len(sel) == 0:
@@ -531,7 +549,7 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
 
     if len(bad):
         bad.write_quarantine(storage.join(stage, "quarantine.csv"))
-    schema = {c: dt for c, dt in buckets.dtypes.items() if c not in ("split", _ARRIVAL)}
+    schema = {c: dt for c, dt in buckets.dtypes.items() if c not in ("split", _ARRIVAL, _ROW)}
     return {
         "format_version": storage.FORMAT_VERSION,
         "dataset": src.name,
@@ -648,6 +666,7 @@ def _range_check(block, name, row0, bad: BadRows, ts_lo, ts_hi, r_lo, r_hi, nu, 
 
 
 _ARRIVAL = "_arrival"  # scratch column: a row's index in its bucket file (source order)
+_ROW = "_row"          # scratch column (split.kind=random_global): a row's index in the source
 
 
 def _dedup(d: dict[str, np.ndarray], policy: str, ni: int, given: bool) -> dict[str, np.ndarray]:
