@@ -27,7 +27,13 @@ import dataclasses
 import logging
 import os
 import re
+import signal
+import threading
 from typing import Mapping
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger("jaxreco")
 
@@ -130,3 +136,65 @@ def initialize_from_env(coordinator_address: str | None = None, num_processes: i
     jax.distributed.initialize(coordinator_address=pe.coordinator_address,
                                num_processes=pe.num_processes, process_id=pe.process_id, **extra)
     return pe
+
+
+# ----------------------------------------------------------------------------- batches
+def process_batch_shard(sharding, batch_size: int) -> tuple[int, int]:
+    """``(shard_index, shard_count)``: the contiguous slice of every global batch whose rows
+    this process's devices hold under ``sharding`` (the whole batch when it is replicated)."""
+    idx = sharding.addressable_devices_indices_map((batch_size,)).values()
+    if not idx:
+        raise ValueError(f"mesh {dict(sharding.mesh.shape)} holds none of process "
+                         f"{jax.process_index()}'s devices; with {jax.process_count()} processes "
+                         "use a mesh over all devices (e.g. mesh=dp, mesh=dp_mp; -1 = the rest)")
+    starts = sorted({(i[0].start or 0, i[0].stop or batch_size) for i in idx})
+    lo, hi = starts[0][0], starts[-1][1]
+    if hi - lo != sum(b - a for a, b in starts) or batch_size % (hi - lo):
+        raise ValueError(f"this process's batch rows {starts} are not one contiguous equal slice")
+    return lo // (hi - lo), batch_size // (hi - lo)
+
+
+def process_rows(batch: dict[str, np.ndarray], sharding) -> dict[str, np.ndarray]:
+    """The rows of a full (every-process) batch that belong to this process."""
+    if jax.process_count() == 1:
+        return batch
+    n = len(next(iter(batch.values())))
+    i, c = process_batch_shard(sharding, n)
+    return {k: v[i * (n // c):(i + 1) * (n // c)] for k, v in batch.items()}
+
+
+def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array | np.ndarray]:
+    """This process's rows -> global arrays. One process: jit transfers numpy itself (cheaper)."""
+    if jax.process_count() == 1:
+        return batch
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- preemption
+class PreemptionWatcher:
+    """SIGTERM → stop at a step boundary that every process agrees on.
+
+    One process: a signal handler sets a flag, checked after each step. Several: JAX's
+    preemption sync point (the coordination service relays the notice so all processes stop
+    at the same step, keeping their collectives matched).
+    """
+
+    def __init__(self):
+        self.flag = False
+        self.previous = None
+        self.multi = jax.process_count() > 1
+        if not self.multi and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        if self.multi:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.flag
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None

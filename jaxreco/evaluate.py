@@ -21,7 +21,7 @@ item representations are computed once per evaluation, so a user chunk costs one
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -280,65 +280,3 @@ def head_labels(cols: Mapping[str, np.ndarray], head: str, label_column: str = "
             raise ValueError(f"head 'purchase' needs an 'event' column; the data has {sorted(cols)}")
         return (np.asarray(cols["event"]) >= 3).astype(np.float32)
     raise ValueError(f"model.heads: {head!r} has no label (click, purchase or rating)")
-
-
-class RestoredRun(NamedTuple):
-    cfg: Any
-    task: Any
-    graphdef: Any
-    state: Any
-    step: int
-    model_fn: Any
-    mesh: Any
-
-
-def restore_run(workdir: str, *, step: int | None = None, full: bool = True) -> RestoredRun:
-    """A finished ``jaxreco-train`` run restored: its
-    ``config.yaml`` and checkpoint (the best step in ``metrics.json``, else ``step``, else
-    the latest), on a mesh of its config's shape."""
-    import json
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from jaxreco import optim
-    from jaxreco.checkpoint import Checkpointer, abstract_like
-    from jaxreco.sharding import make_mesh
-    from jaxreco.train import loop
-    from jaxreco.train.state import create_state
-
-    wd = Path(workdir)
-    if not (wd / "config.yaml").exists():
-        raise FileNotFoundError(f"{wd}/config.yaml: not a jaxreco-train run directory")
-    cfg = OmegaConf.load(wd / "config.yaml")
-    with __import__("omegaconf").open_dict(cfg):
-        cfg.task.full_ranking = bool(full)
-    task = loop.TASKS[cfg.task.kind](cfg, wd, False)
-    model_fn = task.model_fn()
-    mesh = make_mesh(cfg.mesh.axes)
-    row_opt = optim.row_optimizer(cfg.optimizer.name, lr=cfg.optimizer.lr)
-    dense_tx = optim.dense_optimizer(cfg.optimizer.dense_name, cfg.optimizer.dense_lr)
-    graphdef, state, shardings = create_state(model_fn, row_opt, dense_tx, mesh,
-                                              dict(cfg.mesh.rules))
-    ckpt = Checkpointer(wd / "checkpoints", async_save=False)
-    if step is None and (wd / "metrics.json").exists():
-        step = int(json.loads((wd / "metrics.json").read_text()).get("train/best_step", -1))
-    steps = ckpt.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"{wd}/checkpoints: no checkpoint to evaluate")
-    step = step if step in steps else max(steps)
-    state, _ = ckpt.restore(step, abstract_like(state, shardings))
-    ckpt.close()
-    return RestoredRun(cfg, task, graphdef, state, step, model_fn, mesh)
-
-
-def evaluate_run(workdir: str, *, step: int | None = None, full: bool = True) -> dict[str, float]:
-    """Re-evaluates a finished ``jaxreco-train`` run from its ``config.yaml`` and checkpoint
-    (the best step in ``metrics.json``, else ``step``, else the latest): the same figures
-    its ``metrics.json`` holds for the same step (``full=False`` skips full ranking)."""
-    from jaxreco.sharding import batch_sharding
-
-    r = restore_run(workdir, step=step, full=full)
-    r.task.setup(r.graphdef, None, nnx.eval_shape(r.model_fn),
-                 batch_sharding(r.mesh, dict(r.cfg.mesh.rules)), r.mesh)
-    return {"step": r.step, **r.task.final(r.state)}

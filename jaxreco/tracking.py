@@ -18,6 +18,7 @@ Written with tensorboardX (no TensorFlow import).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -78,10 +79,84 @@ def hparams_of(cfg: DictConfig | Mapping) -> dict[str, Any]:
     return {k: v for k, v in flat_hparams(cfg).items() if not k.startswith(NOT_HPARAMS)}
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic, strict JSON write (temp file + rename: a reader never sees half a file;
+    NaN/inf are written as null)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=True, default=str,
+                              allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+
+class Writer:
+    """TensorBoard scalars from process 0 only (tensorboardX: no TensorFlow needed);
+    ``logdir=None`` writes nothing."""
+
+    def __init__(self, logdir: Path | None):
+        self.w = None
+        if logdir is not None:
+            from tensorboardX import SummaryWriter
+            self.w = SummaryWriter(str(logdir))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if self.w is not None:
+            for k, v in values.items():
+                self.w.add_scalar(k.replace("@", "_"), v, step)   # TensorBoard tags: no '@'
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+
+
+class Profiler:
+    """``trainer.profile_steps=[first, last)``: a ``jax.profiler`` trace of those train steps
+    into ``logdir`` (TensorBoard's profile tab). Call :meth:`before` and :meth:`after` around
+    each step, :meth:`close` when the loop ends (it may stop inside the window)."""
+
+    def __init__(self, steps, logdir: Path, total_steps: int):
+        self.window, self.logdir, self.tracing = None, Path(logdir), False
+        if steps is None:
+            return
+        steps = list(steps)
+        if (len(steps) != 2 or not all(isinstance(s, int) for s in steps)
+                or not 0 <= steps[0] < steps[1]):
+            raise ValueError(f"trainer.profile_steps={steps}: must be [first, last) with "
+                             "0 <= first < last (train step numbers)")
+        if steps[1] > total_steps:
+            raise ValueError(f"trainer.profile_steps={steps}: the run has only "
+                             f"{total_steps} steps")
+        self.window = (steps[0], steps[1])
+
+    def before(self, step: int, state) -> None:
+        if self.window and step == self.window[0]:
+            import jax
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(str(self.logdir))
+            self.tracing = True
+
+    def after(self, step: int, state) -> None:
+        if self.tracing and step == self.window[1]:
+            self.close(state)
+
+    def close(self, state=None) -> None:
+        if self.tracing:
+            import jax
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.tracing = False
 
 
 def write_run_info(cfg: DictConfig, workdir: Path, split_sha256: Mapping[str, str]) -> dict:
@@ -99,7 +174,7 @@ def write_run_info(cfg: DictConfig, workdir: Path, split_sha256: Mapping[str, st
         "process_count": jax.process_count(),
         "host": platform.node(),
     }
-    _write_json(Path(workdir) / "run.json", info)
+    write_json(Path(workdir) / "run.json", info)
     return info
 
 
@@ -191,9 +266,9 @@ def write_failure(workdir: Path, cfg: DictConfig | None, error: BaseException, *
         **({"job": dict(job)} if job else {}),
     }
     if process_index != 0:
-        _write_json(workdir / f"error.process{process_index}.json", info)
+        write_json(workdir / f"error.process{process_index}.json", info)
         return info
-    _write_json(workdir / "error.json", info)
+    write_json(workdir / "error.json", info)
     (workdir / "FAILED").write_text(f"{info['type']}: {info['message']}\n")
     if cfg is not None:
         try:

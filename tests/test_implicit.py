@@ -91,7 +91,7 @@ def test_implicit_training_beats_chance_is_deterministic_and_resumes(tmp_path, m
 def test_pair_regularisation_counts_user_rows_once_per_scored_pair():
     import jax.numpy as jnp
 
-    from jaxreco.train.loop import _row_norms
+    from jaxreco.train.tasks import row_norms as _row_norms
 
     k = 3
     rows = {"user_mf": {"user": jnp.full((2, 4), 1.0)},
@@ -107,7 +107,7 @@ def test_pair_regularisation_counts_user_rows_once_per_scored_pair():
 def _scores(run_dir, users, items):
     from flax import nnx
 
-    from jaxreco.evaluate import restore_run
+    from jaxreco.run import restore_run
     from jaxreco.models.layers import gather_rows
 
     r = restore_run(str(run_dir), full=False)

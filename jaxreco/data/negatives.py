@@ -22,27 +22,74 @@ from jaxreco.data.dataset import DataError
 
 
 class Sampler:
-    """Draws item ids uniformly or from fixed weights (inverse-CDF by binary search)."""
+    """Draws item ids uniformly or from fixed weights (inverse-CDF by binary search).
+
+    ``kind="popularity"`` weighs item ``i`` by ``train_counts[i] + 1`` (the fixed evaluation
+    negatives), or by ``weights`` when given (training negatives: ``count ** pop_alpha``).
+    ``index_dtype`` is the integer type of uniform draws (it selects numpy's bounded-integer
+    algorithm, so a stream is reproduced only with the same type).
+    """
 
     def __init__(self, num_items: int, kind: str = "uniform",
-                 train_counts: np.ndarray | None = None):
+                 train_counts: np.ndarray | None = None, *, weights: np.ndarray | None = None,
+                 index_dtype=np.int32):
         if kind not in ("uniform", "popularity"):
             raise DataError(f"negatives.sampler={kind!r}: must be 'uniform' or 'popularity'")
         self.num_items = num_items
         self.kind = kind
+        self.index_dtype = index_dtype
         self.cdf = None
         if kind == "popularity":
-            if train_counts is None:
-                raise DataError("popularity negatives need item train counts")
-            w = np.asarray(train_counts, np.float64) + 1.0
+            if weights is None:
+                if train_counts is None:
+                    raise DataError("popularity negatives need item train counts")
+                weights = np.asarray(train_counts, np.float64) + 1.0
+            w = np.asarray(weights, np.float64)
             self.cdf = np.cumsum(w) / w.sum()
 
     def draw(self, rng: np.random.Generator, shape) -> np.ndarray:
         if self.cdf is None:
-            return rng.integers(0, self.num_items, size=shape, dtype=np.int32)
+            return rng.integers(0, self.num_items, size=shape,
+                                dtype=self.index_dtype).astype(np.int32, copy=False)
         r = rng.random(size=shape)
         return np.minimum(np.searchsorted(self.cdf, r, side="right"),
                           self.num_items - 1).astype(np.int32)
+
+
+class TrainingNegatives:
+    """``k`` sampled negatives per training positive (SGD with BCE/BPR).
+
+    Items are drawn uniformly or ∝ ``train count ** pop_alpha`` (``sampler``); with
+    ``exclude_positives`` a draw that is a train positive of its user is redrawn, up to 20
+    times, checking only the redrawn slots again. Draws depend only on the ``rng`` given, so
+    a caller that seeds it from ``(seed, step, shard)`` draws the same negatives on resume.
+    """
+
+    def __init__(self, user: np.ndarray, item: np.ndarray, num_items: int, *,
+                 sampler: str = "uniform", pop_alpha: float = 1.0,
+                 exclude_positives: bool = True):
+        self.num_items = int(num_items)
+        self.positives = PositiveSet(
+            np.unique(np.asarray(user, np.int64) * self.num_items + item))
+        counts = np.bincount(item, minlength=self.num_items).astype(np.float64)
+        self.sampler = Sampler(self.num_items, sampler,
+                               weights=counts ** float(pop_alpha) if sampler == "popularity"
+                               else None, index_dtype=np.int64)
+        self.exclude_positives = bool(exclude_positives)
+
+    def draw(self, users: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """int32 ``[len(users) * k]``: ``k`` negatives for each user, row-major."""
+        ni = self.num_items
+        neg = self.sampler.draw(rng, len(users) * k)
+        if self.exclude_positives:
+            uu = np.repeat(np.asarray(users, np.int64), k)
+            bad = np.flatnonzero(self.positives.contains(uu * ni + neg))
+            for _ in range(20):            # only the redrawn slots are checked again
+                if not len(bad):
+                    break
+                neg[bad] = self.sampler.draw(rng, len(bad))
+                bad = bad[self.positives.contains(uu[bad] * ni + neg[bad])]
+        return neg.astype(np.int32, copy=False)
 
 
 class PositiveSet:

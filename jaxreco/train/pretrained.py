@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxreco.run import restore_run
+
 log = logging.getLogger(__name__)
 
 
@@ -47,8 +49,6 @@ def flat_params(state) -> dict[str, Any]:
 
 def load_run_params(run_dir: str | Path) -> tuple[dict[str, np.ndarray], Any]:
     """``(params, config)`` of a finished run's best (else latest) checkpoint."""
-    from jaxreco.evaluate import restore_run
-
     r = restore_run(str(run_dir), full=False)
     return {k: np.asarray(jax.device_get(v)) for k, v in flat_params(r.state).items()}, r.cfg
 

@@ -1,0 +1,143 @@
+"""From a config and a task to what the loop runs: the sharded state, and a train step with
+its batches. Shared by the training loop and :func:`jaxreco.run.restore_run`, so a restored
+run has exactly the model, optimizer (learning-rate schedule included) and shardings it
+trained with.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, NamedTuple
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from omegaconf import DictConfig
+
+from jaxreco import optim
+from jaxreco.data import pipeline
+from jaxreco.distributed import to_global
+from jaxreco.embedding import ShardedTables
+from jaxreco.train import ials
+from jaxreco.train.state import create_state, table_axes
+from jaxreco.train.step import make_train_step
+
+log = logging.getLogger("jaxreco")
+
+
+class ModelState(NamedTuple):
+    graphdef: Any
+    state: Any                  # TrainState, laid out on the mesh
+    shardings: Any
+    model_fn: Callable
+    abstract_model: Any         # nnx.eval_shape(model_fn)
+    tables: ShardedTables
+    dense_tx: Any
+    table_lr: Any               # float or optax schedule of the table rate
+    steps_per_epoch: int
+    total_steps: int
+    examples_per_step: int
+
+
+def is_solver(cfg: DictConfig) -> bool:
+    """``optimizer=ials``: one step = one epoch of alternating least squares."""
+    return cfg.optimizer.name == "ials"
+
+
+def model_state(cfg: DictConfig, task, mesh) -> ModelState:
+    """The model of ``task``, its optimizers (rates decay over the configured epochs, not
+    ``max_steps``: a run stopped early and resumed follows the same schedule as an
+    uninterrupted one) and a fresh state created in its sharding."""
+    tc, rules = cfg.trainer, dict(cfg.mesh.rules)
+    n_train = len(next(iter(task.train_cols.values())))
+    solver = is_solver(cfg)
+    if solver and task.kind != "implicit":
+        raise ValueError(f"optimizer=ials fits implicit feedback; task.kind={task.kind!r} "
+                         "needs a gradient optimizer (sgd, adagrad, lazy_adam, adam)")
+    steps_per_epoch = 1 if solver else pipeline.batches_per_epoch(n_train, tc.batch_size)
+    if steps_per_epoch < 1:
+        raise ValueError(f"trainer.batch_size={tc.batch_size} is larger than the {n_train} "
+                         f"training examples of {task.data.name}: no full batch per epoch")
+    total_steps = tc.epochs * steps_per_epoch
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+    sched = cfg.optimizer.get("schedule", "constant")
+    table_lr = optim.schedule(cfg.optimizer.lr, sched, tc.epochs * steps_per_epoch)
+    row_opt = optim.row_optimizer(cfg.optimizer.name, lr=table_lr)
+    dense_tx = optim.dense_optimizer(
+        cfg.optimizer.dense_name,
+        optim.schedule(cfg.optimizer.dense_lr, sched, tc.epochs * steps_per_epoch))
+    model_fn = task.model_fn()
+    graphdef, state, shardings = create_state(model_fn, row_opt, dense_tx, mesh, rules)
+    abstract_model = nnx.eval_shape(model_fn)
+    tables = ShardedTables(mesh, rules, table_axes(state.tables),
+                           dict(abstract_model.table_features), row_opt)
+    return ModelState(graphdef, state, shardings, model_fn, abstract_model, tables, dense_tx,
+                      table_lr, steps_per_epoch, total_steps,
+                      n_train if solver else tc.batch_size)
+
+
+def train_step(cfg: DictConfig, task, ms: ModelState, mesh, in_sharding, shard: tuple[int, int]):
+    """``(step_fn, data_iter, next_batch)``: the jitted ``step_fn(state, batch) -> (state,
+    metrics)``, the grain iterator whose position is checkpointed (None for iALS), and
+    ``next_batch(step)``, the global batch of a step.
+
+    Gradient optimizers: shuffled batches of ``task.train_cols`` (this process's
+    ``shard``), extended by ``task.transform``. ``optimizer=ials``: every step gets the
+    whole bucketed interaction data and solves one epoch (:func:`jaxreco.train.ials.make_epoch`).
+    """
+    if is_solver(cfg):
+        step_fn, data = ials_step(cfg, task, ms, mesh)
+        return step_fn, None, lambda step: data
+    tc = cfg.trainer
+    data_iter = iter(pipeline.train_dataset(
+        task.train_cols, batch_size=tc.batch_size, num_epochs=tc.epochs, seed=cfg.seed,
+        shard_index=shard[0], shard_count=shard[1]))
+    step_fn = jax.jit(make_train_step(ms.graphdef, ms.tables, task.loss_fn(ms.abstract_model),
+                                      ms.dense_tx),
+                      in_shardings=(ms.shardings, in_sharding),
+                      out_shardings=(ms.shardings, None), donate_argnums=0)
+
+    def next_batch(step: int):
+        return to_global(task.transform(next(data_iter), step, shard[0]), in_sharding)
+    return step_fn, data_iter, next_batch
+
+
+def ials_step(cfg: DictConfig, task, ms: ModelState, mesh):
+    """The iALS epoch as a step: ``(step_fn, data)`` with the interactions grouped by row
+    length (:func:`jaxreco.train.ials.group_rows`), recency weights when configured."""
+    am, oc, cols = ms.abstract_model, cfg.optimizer, task.train_cols
+    ut, it, ib = ials.check_model(cfg.model, am)
+    dim = int(am.user_mf.shape[1])
+    conf = None
+    if float(oc.recency_weight):
+        timestamps = task.train_timestamps()
+        if timestamps is None:
+            raise ValueError(f"optimizer.recency_weight={oc.recency_weight} needs timestamps; "
+                             f"dataset {cfg.dataset.name!r} has no timestamp column (set "
+                             "optimizer.recency_weight=0, or for from-files name it: "
+                             "dataset.columns.timestamp=<column>)")
+        conf = ials.recency_weights(cols["user"], timestamps, strength=float(oc.recency_weight),
+                                    half_life=float(oc.recency_half_life))
+    users = ials.group_rows(cols["user"], cols["item"], task.num_users, task.num_items,
+                            pad_row=int(am.user_mf.shape[0]), dim=dim, weights=conf)
+    items = ials.group_rows(cols["item"], cols["user"], task.num_items, task.num_users,
+                            pad_row=int(am.item_mf.shape[0]), dim=dim, weights=conf)
+    data = jax.device_put(ials.epoch_data(users, items), NamedSharding(mesh, PartitionSpec()))
+    step_fn = jax.jit(ials.make_epoch(users, items, user_table=ut, item_table=it,
+                                      alpha0=float(oc.unobserved_weight),
+                                      reg=float(cfg.model.reg), nu=float(oc.reg_exponent),
+                                      item_bias_table=ib,
+                                      pop_exponent=float(oc.unobserved_exponent)),
+                      out_shardings=(ms.shardings, None), donate_argnums=0)
+    log.info("ials: %d users, %d items, %d positives (%d padded slots per half-epoch)",
+             task.num_users, task.num_items, users.nnz, max(users.padded, items.padded))
+    return step_fn, data
+
+
+def learning_rate(ms: ModelState, cfg: DictConfig, step: int) -> dict[str, float]:
+    """``{"learning/lr": rate}`` at ``step`` (nothing for iALS, which has no rate)."""
+    if is_solver(cfg):
+        return {}
+    return {"learning/lr": float(optim.lr_at(ms.table_lr, step))}
+
