@@ -22,6 +22,8 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -r /src/requirements-serve.txt
 COPY pyproject.toml README* /src/
 COPY jaxreco /src/jaxreco
+# The wheel maps conf/ onto the package jaxreco.conf (pyproject.toml), so the build needs it.
+COPY conf /src/conf
 # --no-deps: the package's own dependencies are the training stack (jax, flax, ...).
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /src \
     && if /opt/venv/bin/python -c "import jax" 2>/dev/null; then echo "jax leaked into the serving image" >&2; exit 1; fi \

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+from jaxreco.runtime import configure_xla
+
+# In-process tests get the XLA workaround the entry points set (before the first backend).
+configure_xla()
 # Eight CPU devices for the sharding tests (must precede the first `import jax`). Tests that
 # want one device use a one-device mesh; subprocesses inherit the flag.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
-from pathlib import Path
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from jaxreco.data.dataset import DataError
+from jaxreco.runtime import conf_dir
 
-
-def _conf_dir() -> Path:
-    env = os.environ.get("JAXRECO_CONF_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "conf"
-
-
-CONF_DIR = _conf_dir()
+# The packaged configs (jaxreco/conf/ in a wheel, the top-level conf/ in a checkout), or
+# $JAXRECO_CONF_DIR; see jaxreco.runtime.conf_dir.
+CONF_DIR = conf_dir()
 
 
 def quiet_libraries() -> None:

@@ -14,9 +14,11 @@ import argparse
 import sys
 
 from jaxreco.compare import DEFAULT_METRIC, CompareError, compare
+from jaxreco.runtime import configure_xla
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_xla()
     p = argparse.ArgumentParser(prog="jaxreco-compare", description=__doc__.split("\n\n")[0])
     p.add_argument("dirs", nargs="+", metavar="SWEEP_DIR",
                    help="sweep directories (hydra.sweep.dir) or single run directories")

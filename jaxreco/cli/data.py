@@ -19,6 +19,7 @@ import time
 from omegaconf import OmegaConf
 
 from jaxreco.cli import CONF_DIR, user_errors
+from jaxreco.runtime import configure_xla
 
 
 def _list() -> None:
@@ -58,6 +59,7 @@ def _prepare(overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_xla()
     p = argparse.ArgumentParser(prog="jaxreco-data", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="known datasets and whether they are cached")

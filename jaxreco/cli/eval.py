@@ -11,8 +11,11 @@ import json
 import sys
 from pathlib import Path
 
+from jaxreco.runtime import configure_xla
+
 
 def main(argv: list[str] | None = None) -> int:
+    configure_xla()
     p = argparse.ArgumentParser(prog="jaxreco-eval", description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: best)")

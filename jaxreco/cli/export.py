@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+from jaxreco.runtime import configure_xla
+
 
 def next_version(out_dir: str) -> int:
     try:
@@ -25,6 +27,7 @@ def next_version(out_dir: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_xla()
     p = argparse.ArgumentParser(prog="jaxreco-export", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", required=True, help="trained run directory (checkpoint + vocabularies)")
     p.add_argument("--out-dir", required=True, help="model directory; the version goes below it")

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from jaxreco import config
 from jaxreco.cli import CONF_DIR, quiet_libraries, user_errors
+from jaxreco.runtime import configure_xla
 
 log = logging.getLogger("jaxreco")
 config.register()
@@ -76,6 +77,7 @@ def _app(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    configure_xla()      # before any JAX backend starts; sweep jobs inherit the variable
     _app()
     failed = [r for r in _runs if r["error"]]
     if failed:
