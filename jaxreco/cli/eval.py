@@ -1,7 +1,7 @@
 """`jaxreco-eval RUN_DIR [--step N] [--no-full]`: re-evaluate a trained run.
 
 Prints the metrics as JSON and writes them to ``RUN_DIR/eval.json``. The logic lives in
-:func:`jaxreco.evaluate.evaluate_run`.
+:func:`jaxreco.run.evaluate_run`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: best)")
     p.add_argument("--no-full", action="store_true", help="skip full-ranking evaluation")
     a = p.parse_args(argv)
-    from jaxreco.evaluate import evaluate_run
+    from jaxreco.run import evaluate_run
     try:
         out = evaluate_run(a.run_dir, step=a.step, full=not a.no_full)
     except (FileNotFoundError, ValueError) as e:
