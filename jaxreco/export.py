@@ -17,7 +17,15 @@ similar_items     item[b], k[] int32       items[b,k], scores[b,k] (cosine), co_
                                            int32, known[b]
 user_scores       user[b]                  scores[b, num_items] f32 (vocab order), known[b]
 serving_default   as recommend
+predict_ctr       user[b], item[b], one    one f32[b] per head (``click``, ``purchase``:
+(ctr runs only)   int32[b] per context     probability; ``rating``: value; 0.0 where
+                  feature (``position``)   unknown), known[b] bool
 ================  =======================  ==================================================
+
+``score`` is the model's raw output of its first head (a logit for ``click``); models with
+context features score and recommend in a default context (metadata ``context_features``;
+:mod:`jaxreco.export_models`). ``predict_ctr`` checks each context value lies in
+``[0, vocab_size)``.
 
 ``recommend`` ranks by model score with the user's training items set to
 :data:`~jaxreco.serve.layout.EXCLUDED_SCORE`; an unknown user (``known`` false) gets the
@@ -30,18 +38,19 @@ tests). A newer JAX writes a StableHLO version that TF 2.21 cannot deserialize; 
 reloads what it wrote and fails with :class:`ExportError` naming both versions if so.
 
 Two layers: :func:`export_saved_model` takes parameters and pure JAX functions and knows
-nothing about training; :func:`export_run` adapts a ``jaxreco-train`` run directory (biased
-MF on ratings, or the dot-product model of an implicit-feedback run) to it.
+nothing about training; :func:`export_run` adapts any ``jaxreco-train`` run directory to it
+(biased MF; every ``embed_mlp`` combiner through :mod:`jaxreco.export_models`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +58,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreco import export_models
+from jaxreco.data.prepare import load_table
+from jaxreco.models.embed_mlp import EmbedMLP
+from jaxreco.models.mf import MF
 from jaxreco.serve import layout
+
+from jaxreco.run import restore_run
 
 # Versions the round trip was checked with (jax2tf native serialization -> TF deserializer).
 TESTED_JAX = "0.10.2"
@@ -58,6 +73,7 @@ TESTED_TF = "2.21"
 ScoreFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 UserItemScoresFn = Callable[[Any, jax.Array], jax.Array]
 ItemVectorsFn = Callable[[Any], jax.Array]
+PredictFn = Callable[[Any, jax.Array, jax.Array, Mapping[str, jax.Array]], Mapping[str, jax.Array]]
 
 
 class ExportError(ValueError):
@@ -173,8 +189,9 @@ def popularity_from_seen(seen_indices: np.ndarray, num_items: int) -> np.ndarray
 # --------------------------------------------------------------------------- TF module
 def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_vectors,
                   user_vocab_path, item_vocab_path, num_users, num_items, seen, popularity,
-                  co_counts, platforms):
-    """A ``tf.Module`` holding the parameters, vocabularies and the five signatures."""
+                  co_counts, platforms, predict_fn=None, heads=(), context_features=None):
+    """A ``tf.Module`` holding the parameters, vocabularies and the five signatures (six
+    with ``predict_fn``: ``predict_ctr``)."""
     from jax.experimental import jax2tf
 
     def with_params(fn):
@@ -189,6 +206,15 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
         with_params(lambda p, u: user_item_scores_fn(p, u).astype(jnp.float32)),
         polymorphic_shapes=[poly_params, "(b,)"], with_gradient=False,
         native_serialization_platforms=platforms)
+    ctx_names = list(context_features or {})
+    conv_predict = None
+    if predict_fn is not None:
+        conv_predict = jax2tf.convert(
+            with_params(lambda p, u, i, *c: tuple(
+                _head_output(h, predict_fn(p, u, i, dict(zip(ctx_names, c)))[h])
+                for h in heads)),
+            polymorphic_shapes=[poly_params, "(b,)", "(b,)"] + ["(b,)"] * len(ctx_names),
+            with_gradient=False, native_serialization_platforms=platforms)
 
     excluded = np.float32(layout.EXCLUDED_SCORE)
     text_init = tf.lookup.TextFileInitializer
@@ -229,6 +255,24 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
         @tf.function(jit_compile=True, autograph=False)
         def _jax_all(self, u):
             return conv_all(self.params, u)
+
+        @tf.function(jit_compile=True, autograph=False)
+        def _jax_predict(self, u, i, *ctx):
+            return conv_predict(self.params, u, i, *ctx)
+
+        def _predict_ctr(self, user, item, *ctx):
+            u, ku = self._lookup(self.user_index, user)
+            i, ki = self._lookup(self.item_index, item)
+            known = tf.logical_and(ku, ki)
+            checks = [tf.debugging.Assert(
+                tf.reduce_all(tf.logical_and(c >= 0, c < n)),
+                [f"context feature {name} must be in [0, {n}); got", c], summarize=8)
+                for name, n, c in zip(ctx_names, context_features.values(), ctx)]
+            with tf.control_dependencies(checks):
+                outs = self._jax_predict(tf.cast(u, tf.int32), tf.cast(i, tf.int32), *ctx)
+            res = {h: tf.where(known, o, tf.zeros_like(o)) for h, o in zip(heads, outs)}
+            res["known"] = known
+            return res
 
         def _lookup(self, table, ids):
             idx = table.lookup(ids)
@@ -314,7 +358,20 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
                     "co_counts": tf.gather(co, order, batch_dims=1),
                     "known": known}
 
-    return RecModule()
+    module = RecModule()
+    if predict_fn is not None:
+        spec = ([tf.TensorSpec([None], tf.string, name="user"),
+                 tf.TensorSpec([None], tf.string, name="item")]
+                + [tf.TensorSpec([None], tf.int32, name=c) for c in ctx_names])
+        module.predict_ctr = tf.function(module._predict_ctr, input_signature=spec)
+    return module
+
+
+def _head_output(head: str, z: jax.Array) -> jax.Array:
+    """What ``predict_ctr`` returns for a head: the probability ``sigmoid(logit)`` of a
+    click-like head, the value of a ``rating`` head."""
+    z = z.astype(jnp.float32)
+    return z if head == "rating" else jax.nn.sigmoid(z)
 
 
 # --------------------------------------------------------------------------- public API
@@ -333,6 +390,10 @@ def export_saved_model(
     item_category: Sequence[str] | None = None,
     co_counts: Any = None,
     model_info: dict | None = None,
+    predict_fn: PredictFn | None = None,
+    heads: Sequence[str] = (),
+    context_features: Mapping[str, int] | None = None,
+    context_defaults: Mapping[str, int] | None = None,
     platforms: Sequence[str] = ("cpu",),
     verify: bool = True,
     overwrite: bool = False,
@@ -358,6 +419,14 @@ def export_saved_model(
       co_counts: optional CSR ``(indptr [I+1], indices, data)`` of co-purchase counts
         (items bought in the same basket); ranks ``similar_items`` before cosine.
       model_info: extra JSON-serializable metadata stored in ``assets.extra/jaxreco.json``.
+      predict_fn: optional ``(params, user_idx int32[b], item_idx int32[b], context
+        {feature: int32[b]}) -> {head: float[b]}`` logits of every head in ``heads``; adds
+        the ``predict_ctr`` signature (probabilities; a ``rating`` head's value as is).
+      heads: the heads ``predict_fn`` returns, in output order.
+      context_features: ``{feature: vocabulary size}``: ``predict_ctr`` takes one int32
+        input per feature, valid values ``0 .. size-1`` (the prepared data's raw values).
+      context_defaults: ``{feature: value}`` the ``score_fn``/``user_item_scores_fn`` used
+        for context (recorded in the metadata; the server pads with them); default 0.
       platforms: ``jax2tf`` native serialization platforms (``("cpu", "cuda")`` for both).
       verify: reload the written SavedModel and compare a few scores with JAX; fails with
         :class:`ExportError` when this TensorFlow cannot run what this JAX wrote.
@@ -388,6 +457,9 @@ def export_saved_model(
     if item_category is not None:
         item_category = _check_categories(item_category, num_items)
 
+    context_features, context_defaults, heads = _check_predict(
+        predict_fn, heads, context_features, context_defaults)
+
     leaves, treedef = jax.tree_util.tree_flatten(params)
     leaves = [np.asarray(x) for x in leaves]
     if not leaves:
@@ -404,6 +476,14 @@ def export_saved_model(
     if got.shape != (3, num_items):
         raise ExportError("user_item_scores_fn(params, user[3]) must return shape "
                           f"(3, {num_items}) (num_items from item_vocab); got {got.shape}")
+    if predict_fn is not None:
+        ctx = {c: b for c in context_features}
+        got = jax.eval_shape(predict_fn, p_shapes, b, b, ctx)
+        bad = {h: getattr(got.get(h) if isinstance(got, Mapping) else None, "shape", None)
+               for h in heads}
+        if any(v != (3,) for v in bad.values()):
+            raise ExportError(f"predict_fn(params, user[3], item[3], context) must return "
+                              f"{{head: shape (3,)}} for heads {list(heads)}; got {bad}")
     vectors = np.asarray(jax.jit(item_vectors_fn)(params), dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[0] != num_items:
         raise ExportError(f"item_vectors_fn(params) must return [{num_items}, d]; got {vectors.shape}")
@@ -423,7 +503,8 @@ def export_saved_model(
             user_vocab_path=src_assets / layout.USER_VOCAB_FILE,
             item_vocab_path=src_assets / layout.ITEM_VOCAB_FILE,
             num_users=num_users, num_items=num_items, seen=seen, popularity=popularity,
-            co_counts=co_counts, platforms=tuple(platforms))
+            co_counts=co_counts, platforms=tuple(platforms), predict_fn=predict_fn,
+            heads=heads, context_features=context_features)
         saved = tmp / "model"
         signatures = {
             layout.SIG_SCORE: module.score.get_concrete_function(),
@@ -432,6 +513,8 @@ def export_saved_model(
             layout.SIG_USER_SCORES: module.user_scores.get_concrete_function(),
             layout.SIG_DEFAULT: module.recommend.get_concrete_function(),
         }
+        if predict_fn is not None:
+            signatures[layout.SIG_PREDICT_CTR] = module.predict_ctr.get_concrete_function()
         try:
             tf.saved_model.save(module, str(saved), signatures=signatures)
         except Exception as e:
@@ -445,7 +528,10 @@ def export_saved_model(
             "embedding_dim": int(vectors.shape[1]),
             "has_item_category": item_category is not None,
             "has_co_counts": co_counts is not None,
-            "signatures": list(layout.SIGNATURES),
+            "signatures": list(signatures),
+            "heads": list(heads),
+            "context_features": {c: {"vocab_size": n, "default": context_defaults[c]}
+                                 for c, n in context_features.items()},
             "excluded_score": layout.EXCLUDED_SCORE,
             "jax_version": jax.__version__,
             "tensorflow_version": tf.__version__,
@@ -457,7 +543,8 @@ def export_saved_model(
         (saved / "assets.extra" / layout.METADATA_FILE).write_text(json.dumps(meta, indent=2))
         del module
         if verify:
-            _verify(tf, saved, params, score_fn, user_vocab, item_vocab)
+            _verify(tf, saved, params, score_fn, user_vocab, item_vocab, predict_fn, heads,
+                    context_features)
         if final.exists():  # overwrite=True
             shutil.rmtree(final)
         os.rename(saved, final)
@@ -476,6 +563,35 @@ def _check_categories(item_category, num_items):
     return cats
 
 
+def _check_predict(predict_fn, heads, context_features, context_defaults):
+    """``(context_features, context_defaults, heads)`` checked and made plain."""
+    heads = tuple(str(h) for h in heads)
+    if predict_fn is not None and not heads:
+        raise ExportError("predict_fn needs heads=[...]: the names of the heads it returns")
+    if len(set(heads)) != len(heads) or "known" in heads:
+        raise ExportError(f"heads={list(heads)} must be distinct and not 'known'")
+    ctx = {str(c): n for c, n in (context_features or {}).items()}
+    if ctx and predict_fn is None:
+        raise ExportError(f"context_features {sorted(ctx)} are inputs of predict_ctr: pass "
+                          "predict_fn too")
+    for c, n in ctx.items():
+        if c in ("user", "item", "k") or not c.isidentifier():
+            raise ExportError(f"context feature name {c!r} must be an identifier other than "
+                              "user, item and k (it names a signature input)")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ExportError(f"context_features[{c!r}]={n!r}: the vocabulary size must be a "
+                              "positive integer")
+    defaults = {c: int((context_defaults or {}).get(c, 0)) for c in ctx}
+    extra = sorted(set(context_defaults or {}) - set(ctx))
+    if extra:
+        raise ExportError(f"context_defaults names {extra}, not in context_features "
+                          f"{sorted(ctx)}")
+    for c, d in defaults.items():
+        if not 0 <= d < ctx[c]:
+            raise ExportError(f"context_defaults[{c!r}]={d}: must lie in [0, {ctx[c]})")
+    return {c: int(n) for c, n in ctx.items()}, defaults, heads
+
+
 def _version_hint(msg: str) -> str:
     import tensorflow as tf
     return (f"{msg}\nThis jax {jax.__version__} / tensorflow {tf.__version__} pair may not "
@@ -484,23 +600,34 @@ def _version_hint(msg: str) -> str:
             "Install the tested versions: pip install 'jaxreco[export]'.")
 
 
-def _verify(tf, saved: Path, params, score_fn, user_vocab, item_vocab, n: int = 16) -> None:
-    """Reload the SavedModel and compare ``score`` with JAX on ``n`` random pairs."""
+def _verify(tf, saved: Path, params, score_fn, user_vocab, item_vocab, predict_fn=None,
+            heads=(), context_features=None, n: int = 16) -> None:
+    """Reload the SavedModel and compare ``score`` (and ``predict_ctr``) with JAX on ``n``
+    random pairs (and context values)."""
     rng = np.random.default_rng(0)
     u = rng.integers(0, len(user_vocab), n).astype(np.int32)
     i = rng.integers(0, len(item_vocab), n).astype(np.int32)
-    want = np.asarray(jax.jit(score_fn)(params, u, i), dtype=np.float32)
+    ids = {"user": tf.constant(user_vocab[u].astype(str)),
+           "item": tf.constant(item_vocab[i].astype(str))}
+    want = {"score": np.asarray(jax.jit(score_fn)(params, u, i), dtype=np.float32)}
+    ctx = {c: rng.integers(0, v, n).astype(np.int32) for c, v in (context_features or {}).items()}
+    if predict_fn is not None:
+        z = jax.jit(predict_fn)(params, u, i, ctx)
+        want.update({h: np.asarray(_head_output(h, z[h])) for h in heads})
     try:
         loaded = tf.saved_model.load(str(saved))
-        got = loaded.signatures[layout.SIG_SCORE](
-            user=tf.constant(user_vocab[u].astype(str)), item=tf.constant(item_vocab[i].astype(str)))
-        got = got["score"].numpy()
+        got = {"score": loaded.signatures[layout.SIG_SCORE](**ids)["score"].numpy()}
+        if predict_fn is not None:
+            out = loaded.signatures[layout.SIG_PREDICT_CTR](
+                **ids, **{c: tf.constant(v) for c, v in ctx.items()})
+            got.update({h: out[h].numpy() for h in heads})
     except Exception as e:
         raise ExportError(_version_hint(f"reloading the exported SavedModel failed: {e}")) from e
-    err = float(np.max(np.abs(got - want)))
-    if not err <= 1e-4 * max(1.0, float(np.max(np.abs(want)))):
-        raise ExportError(_version_hint(
-            f"the reloaded SavedModel's scores differ from JAX by up to {err:g}"))
+    for k, w in want.items():
+        err = float(np.max(np.abs(got[k] - w)))
+        if not err <= 1e-4 * max(1.0, float(np.max(np.abs(w)))):
+            raise ExportError(_version_hint(
+                f"the reloaded SavedModel's {k!r} outputs differ from JAX by up to {err:g}"))
 
 
 def biased_mf_functions():
@@ -530,115 +657,107 @@ def seen_csr(user: np.ndarray, item: np.ndarray, num_users: int) -> tuple[np.nda
     return indptr.astype(np.int64), pairs[:, 1].astype(np.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _RunData:
+    """What an export needs from a restored run's task, whatever its kind."""
+
+    dataset: str
+    user_vocab: np.ndarray
+    item_vocab: np.ndarray
+    seen: tuple[np.ndarray, np.ndarray]      # (user, item) of the training positives
+    train: dict[str, np.ndarray]             # the prepared train split's columns
+    item_side: dict[str, np.ndarray]         # {feature: index per item, 0 = unknown}
+    item_category: list[str] | None
+
+
+def _run_data(task) -> _RunData:
+    """Vocabularies, training positives and item features of a restored run's task: the
+    prepared directory the run trained on (``task.path``, whose train sha256
+    :func:`restore_run` checked against ``splits.json``) and the splits the task loaded."""
+    train = {k: np.asarray(v) for k, v in task.split["train"].items()}
+    pos = train["label"] > 0 if task.has_label else slice(None)
+    category = None
+    item_f = load_table(task.path, "item_features")
+    if "category" in item_f:
+        names = task.meta.get("category_vocab")
+        idx = np.asarray(item_f["category"]).astype(np.int64)
+        category = ["" if c < 0 else (str(names[c]) if names else str(c)) for c in idx.tolist()]
+    return _RunData(dataset=str(task.meta["dataset"]),
+                    user_vocab=load_table(task.path, "user_vocab")["raw_id"].astype(str),
+                    item_vocab=load_table(task.path, "item_vocab")["raw_id"].astype(str),
+                    seen=(train["user"][pos], train["item"][pos]), train=train,
+                    item_side=dict(task.item_side), item_category=category)
+
+
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: int,
                *, step: int | None = None, **kwargs) -> Path:
-    """Exports a run directory written by ``jaxreco-train`` (biased MF).
+    """Exports a run directory written by ``jaxreco-train``: any model the trainer trains.
 
-    Reads ``config.yaml`` and ``splits.json``, reloads the dataset and re-splits it as the
-    trainer did (the training split's sha256 must match, so "seen" really is what the model
-    trained on), restores the checkpoint step (default: ``train/best_step`` from
-    ``metrics.json`` when that step is kept, else the latest), trims the row-padded tables
-    to the vocabularies, and calls :func:`export_saved_model` (``kwargs`` go through).
+    The run is restored with :func:`jaxreco.run.restore_run` (its ``config.yaml``, the
+    prepared directory ``splits.json`` names, train sha256 checked, and the checkpoint
+    ``step``, default the best step in ``metrics.json`` when it is kept, else the latest);
+    nothing is re-split: "seen" (excluded from ``recommend``) is the task's own training
+    split, positives only (``label > 0``) when the data has labels. Tables are trimmed to
+    the vocabularies, then:
+
+    * ``model=mf`` (ratings): :func:`biased_mf_functions`;
+    * ``model=embed_mlp`` (any combiner, heads, item-side and context features):
+      :func:`jaxreco.export_models.embed_mlp_functions`. Item-side features are constants
+      of the export. A ``ctr`` run also gets ``predict_ctr`` (per-head probabilities, one
+      int32 input per context feature); ``score``/``recommend`` use each context feature's
+      most frequent value in the training split (recorded in the metadata).
+
+    Items' categories (``item_features.category``, named by ``metadata.category_vocab``)
+    go to ``item_category.txt`` for the server's per-category cap. ``kwargs`` go to
+    :func:`export_saved_model` (``model_info`` is merged into the run's own).
     """
-    from omegaconf import OmegaConf
-
-    from jaxreco.data import registry
-    from jaxreco.data import split as split_lib
-
     run_dir = Path(run_dir)
     for f in ("config.yaml", "splits.json", "checkpoints"):
         if not (run_dir / f).exists():
             raise ExportError(f"{run_dir} is not a jaxreco-train run directory: no {f}")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    if cfg.task.get("kind", "rating") == "implicit":
-        return _export_implicit_dot(run_dir, cfg, out_dir, version, step=step, **kwargs)
-    if cfg.model.name != "mf":
-        raise ExportError(f"{run_dir}: model.name={cfg.model.name!r}; export_run handles 'mf' "
-                          "and implicit-feedback dot-product runs (model.combiner=dot); "
-                          "for others call export_saved_model with that model's functions")
-    sc = cfg.dataset.split
-    if sc.kind != "random":
-        raise ExportError(f"{run_dir}: dataset.split.kind={sc.kind!r}; export_run handles 'random'")
-    data = registry.load(OmegaConf.to_container(cfg.dataset, resolve=True))
-    splits = split_lib.random_split(data, test_fraction=sc.test_fraction,
-                                    val_fraction=sc.val_fraction, seed=sc.seed)
-    want = json.loads((run_dir / "splits.json").read_text())
-    got = split_lib.split_sha256(splits)["train"]
-    if got != want.get("train/sha256"):
-        raise ExportError(f"{run_dir}: the training split re-made from {cfg.dataset.name} has "
-                          f"sha256 {got[:12]}…, the run trained on {str(want.get('train/sha256'))[:12]}…; "
-                          "the dataset changed since training")
-    if step is None:
-        metrics_path = run_dir / "metrics.json"
-        best = json.loads(metrics_path.read_text()).get("train/best_step") if metrics_path.exists() else None
-        kept = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
-        step = int(best) if best is not None and int(best) in kept else None
-    state = restore_params(run_dir / "checkpoints", step=step, item="state")
-    nu, ni = data.num_users, data.num_items
-    try:
-        t, dense = state["tables"], state["dense"]
-        params = {"user_embed": t["user_embed"]["value"][:nu], "item_embed": t["item_embed"]["value"][:ni],
-                  "user_bias": t["user_bias"]["value"][:nu], "item_bias": t["item_bias"]["value"][:ni],
-                  "global_bias": np.asarray(dense["global_bias"]["value"], np.float32)}
-    except (KeyError, TypeError) as e:
-        raise ExportError(f"{run_dir}: checkpoint state lacks the MF table {e}; tables: "
-                          f"{sorted(state.get('tables', {}))}") from None
-    train = splits["train"]
-    score, all_scores, vectors = biased_mf_functions()
-    info = {"run_dir": str(run_dir.resolve()), "dataset": data.name,
-            "checkpoint_step": int(np.asarray(state.get("step", -1)))}
+    r = restore_run(str(run_dir), step=step)
+    if step is not None and int(r.step) != int(step):
+        kept = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+        raise ExportError(f"{run_dir}/checkpoints has no step {step}; steps: {kept}")
+    kind = r.task.kind
+    d = _run_data(r.task)
+    nu, ni = len(d.user_vocab), len(d.item_vocab)
+    model = r.abstract_model
+    info = {"run_dir": str(run_dir.resolve()), "dataset": d.dataset, "task": kind,
+            "model": str(r.cfg.model.name), "checkpoint_step": int(r.step)}
+    extra: dict[str, Any] = {}
+    if isinstance(model, MF):
+        t = {k: np.asarray(v) for k, v in r.state.table_values().items()}
+        params = {"user_embed": t["user_embed"][:nu], "item_embed": t["item_embed"][:ni],
+                  "user_bias": t["user_bias"][:nu], "item_bias": t["item_bias"][:ni],
+                  "global_bias": np.asarray(r.state.dense["global_bias"][...], np.float32)}
+        score, all_scores, vectors = biased_mf_functions()
+        info["item_vectors"] = "item_embed"
+    elif isinstance(model, EmbedMLP):
+        defaults = {f: int(np.bincount(np.asarray(d.train[f], np.int64)).argmax())
+                    if len(d.train[f]) else 0 for f in model.context}
+        fns = export_models.embed_mlp_functions(
+            r.graphdef, r.state.tables, r.state.dense, num_users=nu, num_items=ni,
+            item_side=d.item_side, context_defaults=defaults)
+        params, score, all_scores, vectors = (fns.params, fns.score_fn,
+                                              fns.user_item_scores_fn, fns.item_vectors_fn)
+        info.update(combiner=model.combiner, head=fns.heads[0], item_vectors=fns.item_vectors,
+                    side_features=sorted(model.side))
+        if kind == "ctr":
+            extra = {"predict_fn": fns.predict_fn, "heads": fns.heads,
+                     "context_features": fns.context_features,
+                     "context_defaults": fns.context_defaults}
+        elif model.context:
+            info["context_defaults"] = fns.context_defaults
+    else:
+        raise ExportError(f"{run_dir}: model.name={r.cfg.model.name!r} "
+                          f"({type(model).__name__}); export_run exports mf and embed_mlp")
     info.update(kwargs.pop("model_info", {}) or {})
+    kwargs.setdefault("item_category", d.item_category)
     return export_saved_model(
         out_dir, version, params=params, score_fn=score, user_item_scores_fn=all_scores,
-        item_vectors_fn=vectors, user_vocab=data.user_vocab, item_vocab=data.item_vocab,
-        seen=seen_csr(train.user, train.item, nu), model_info=info, **kwargs)
-
-
-def _export_implicit_dot(run_dir: Path, cfg, out_dir, version: int, *, step: int | None,
-                         **kwargs) -> Path:
-    """An implicit-feedback run of the dot-product model (``model=embed_mlp
-    model.combiner=dot``, e.g. ``experiment=ml1m_ncf_mf``): ``b + b_u + b_i + p_u·q_i``
-    (biases 0 when ``model.bias=false``), the user's training positives excluded."""
-    from jaxreco import evaluate as evaluate_lib
-    from jaxreco.data.prepare import load_table
-
-    mc = cfg.model
-    if mc.name != "embed_mlp" or mc.get("combiner") != "dot":
-        raise ExportError(f"{run_dir}: implicit run of model.name={mc.name!r} "
-                          f"model.combiner={mc.get('combiner')!r}; export_run handles the dot "
-                          "product (combiner=dot) of implicit runs")
-    extra = list(cfg.task.get("side_features") or []) + list(cfg.task.get("context_features") or [])
-    if extra:
-        raise ExportError(f"{run_dir}: task side/context features {extra}: the SavedModel "
-                          "scores (user, item) pairs only")
-    r = evaluate_lib.restore_run(str(run_dir), step=step, full=False)
-    task = r.task
-    want = json.loads((run_dir / "splits.json").read_text()).get("train/sha256")
-    got = task.meta["splits"]["train"]["sha256"]
-    if got != want:
-        raise ExportError(f"{run_dir}: the prepared training split {task.path} has sha256 "
-                          f"{got[:12]}…, the run trained on {str(want)[:12]}…")
-    nu, ni = task.num_users, task.num_items
-    t = {k: np.asarray(v) for k, v in r.state.table_values().items()}
-    zeros = lambda n: np.zeros((n, 1), np.float32)  # noqa: E731
-    head = r.state.dense["head"]["click"]["b"]
-    params = {"user_embed": t["user_mf"][:nu], "item_embed": t["item_mf"][:ni],
-              "user_bias": t["user_bias"][:nu] if "user_bias" in t else zeros(nu),
-              "item_bias": t["item_bias"][:ni] if "item_bias" in t else zeros(ni),
-              "global_bias": np.asarray(head[...], np.float32)}
-    train = task.split["train"]
-    pos = np.asarray(train["label"]) > 0 if task.has_label else slice(None)
-    seen_u, seen_i = np.asarray(train["user"])[pos], np.asarray(train["item"])[pos]
-    score, all_scores, vectors = biased_mf_functions()
-    info = {"run_dir": str(run_dir.resolve()), "dataset": task.meta["dataset"],
-            "task": "implicit", "checkpoint_step": int(r.step)}
-    info.update(kwargs.pop("model_info", {}) or {})
-    return export_saved_model(
-        out_dir, version, params=params, score_fn=score, user_item_scores_fn=all_scores,
-        item_vectors_fn=vectors,
-        user_vocab=load_table(task.path, "user_vocab")["raw_id"].astype(str),
-        item_vocab=load_table(task.path, "item_vocab")["raw_id"].astype(str),
-        seen=seen_csr(seen_u, seen_i, nu), model_info=info, **kwargs)
+        item_vectors_fn=vectors, user_vocab=d.user_vocab, item_vocab=d.item_vocab,
+        seen=seen_csr(d.seen[0], d.seen[1], nu), model_info=info, **extra, **kwargs)
 
 
 def restore_params(checkpoint: str | os.PathLike, *, step: int | None = None,

@@ -9,6 +9,8 @@ Endpoints (all JSON; errors are ``{"error": "<what was wrong>"}`` with a 4xx sta
 - ``POST /v1/models/{name}:predict``    TF Serving predict (``instances`` or ``inputs``).
 - ``POST /recommend``                   top-k for users, business rules applied, cold start.
 - ``POST /similar``                     items that go together with given items.
+- ``POST /predict_ctr``                 click (per-head) probabilities of (user, item,
+                                        context) rows; models exported from ctr runs.
 - ``GET  /openapi.json``                this API's schema.
 
 Scoring runs on one worker thread; concurrent ``/recommend`` requests are merged into one
@@ -494,5 +496,98 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         loop = asyncio.get_running_loop()
         return _json(await loop.run_in_executor(executor, _similar, m, items, req.k))
 
+    @app.post("/predict_ctr", responses={**errors, 422: {"model": ErrorBody}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": PREDICT_CTR_SCHEMA}}}})
+    async def predict_ctr(request: Request):
+        """Per-head probabilities (``click``, …) of each (user, item, context) row.
+
+        Body: one list per input, all of the same length (at most ``max_batch``):
+        ``{"user": [...], "item": [...], "<context feature>": [int, ...]}`` -- the
+        model's context features (``GET /v1/models/<name>/metadata``, ``jaxreco.
+        context_features``, e.g. ``position``) take the integer values of the prepared
+        data, ``0 <= value < vocab_size``. Answer: ``{"model_version", "predictions":
+        {head: [p, ...]}, "known": [bool, ...]}``; ``known`` is false (and the
+        probabilities 0.0) where the user or the item is unknown. A body that is not a
+        JSON object gets 400; a missing, unknown or bad field 422, naming it.
+        """
+        m = _model()
+        if not m.has_predict_ctr:
+            raise ApiError(400, f"model version {m.version} has no predict_ctr signature: "
+                                "export a task.kind=ctr run for it")
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            raise ApiError(400, f"malformed JSON body: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object: {\"user\": [...], "
+                                "\"item\": [...], ...}")
+        users, items, context = _predict_ctr_inputs(body, m, config)
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(executor, m.predict_ctr, users, items, context)
+        return _json({"model_version": m.version,
+                      "predictions": {h: _jsonable(out[h]) for h in m.heads},
+                      "known": _jsonable(out["known"])})
+
     app.add_middleware(RequestGuardMiddleware, limit=config.max_body_bytes)
     return app
+
+
+PREDICT_CTR_SCHEMA = {
+    "type": "object", "required": ["user", "item"],
+    "properties": {
+        "user": {"type": "array", "minItems": 1, "items": {"type": ["string", "integer"]},
+                 "description": "Raw user ids."},
+        "item": {"type": "array", "minItems": 1, "items": {"type": ["string", "integer"]},
+                 "description": "Raw item ids, one per user."},
+    },
+    "additionalProperties": {"type": "array", "items": {"type": "integer"},
+                             "description": "One list per context feature of the model "
+                                            "(e.g. position), integer values."},
+    "example": {"user": ["u1", "u2"], "item": ["17", "42"], "position": [1, 3]},
+}
+
+
+def _predict_ctr_inputs(body: dict, m: ServedModel, config: ServeConfig):
+    """``(users, items, {feature: values})`` of a ``/predict_ctr`` body, or a 422 naming
+    the field that is missing, unknown or bad."""
+    ctx = m.context_features
+    fields = ["user", "item", *ctx]
+    takes = f"this model's predict_ctr takes {fields}, one list each of the same length"
+    missing = [f for f in fields if f not in body]
+    if missing:
+        raise ApiError(422, f"missing field(s) {missing}: {takes}")
+    unknown = [str(k)[:50] for k in body if k not in fields]
+    if unknown:
+        raise ApiError(422, f"unknown field(s) {unknown[:5]}: {takes}")
+    n = len(body["user"]) if isinstance(body["user"], list) else None
+    for f in fields:
+        v = body[f]
+        if not isinstance(v, list):
+            raise ApiError(422, f"{f}: must be a list (one value per row); got "
+                                f"{type(v).__name__}")
+        if not 1 <= len(v) <= config.max_batch:
+            raise ApiError(422, f"{f}: has {len(v)} values; must have 1 to "
+                                f"{config.max_batch}")
+        if len(v) != n:
+            raise ApiError(422, f"{f}: has {len(v)} values but user has {n}; every field "
+                                "needs one value per row")
+    ids = {}
+    for f in ("user", "item"):
+        for j, x in enumerate(body[f]):
+            if isinstance(x, bool) or not isinstance(x, (str, int)):
+                raise ApiError(422, f"{f}[{j}]: must be an id (a string or an integer); got "
+                                    f"{type(x).__name__}")
+            if len(str(x)) > config.max_id_chars:
+                raise ApiError(422, f"{f}[{j}]: ids are at most {config.max_id_chars} "
+                                    "characters")
+        ids[f] = [str(x) for x in body[f]]
+    context = {}
+    for f, spec in ctx.items():
+        size = int(spec["vocab_size"])
+        for j, x in enumerate(body[f]):
+            if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < size:
+                raise ApiError(422, f"{f}[{j}]={json.dumps(x)[:50]}: must be an integer in "
+                                    f"[0, {size}) (the values of {f} in the training data)")
+        context[f] = [int(x) for x in body[f]]
+    return ids["user"], ids["item"], context

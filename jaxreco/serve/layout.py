@@ -37,6 +37,10 @@ SIG_SIMILAR = "similar_items"      # item[b] str, k [] i32 -> items, scores, co_
 SIG_USER_SCORES = "user_scores"    # user[b] str -> scores[b, num_items] f32, known[b]
 SIG_DEFAULT = "serving_default"    # same function as ``recommend``
 SIGNATURES = (SIG_SCORE, SIG_RECOMMEND, SIG_SIMILAR, SIG_USER_SCORES, SIG_DEFAULT)
+# Models of a ctr run only: user[b] str, item[b] str, one int32[b] per context feature
+# (metadata "context_features") -> one float32[b] per head (probability; a ``rating`` head's
+# value), known[b] bool.
+SIG_PREDICT_CTR = "predict_ctr"
 
 # Score given to items that must never be recommended (already seen, the query item
 # itself). Finite, so that TF Serving's JSON output stays valid; callers drop such entries.

@@ -75,6 +75,10 @@ class ServedModel:
             cats = _read_lines(cat_path)
             _, self.item_category = np.unique(np.asarray(cats), return_inverse=True)
         self.max_batch = max_batch
+        # predict_ctr (ctr models): its heads and {context feature: {vocab_size, default}}
+        self.has_predict_ctr = layout.SIG_PREDICT_CTR in self.signatures
+        self.heads = list(self.meta.get("heads") or [])
+        self.context_features = dict(self.meta.get("context_features") or {})
         self.rules = CompiledRules.compile(rules or BusinessRules(), self.item_index,
                                            self.num_items, self.item_category)
 
@@ -87,6 +91,8 @@ class ServedModel:
             if layout.SIG_SCORE in self.signatures:
                 self.signatures[layout.SIG_SCORE](user=ids, item=ids)
             self.signatures[layout.SIG_SIMILAR](item=ids, k=tf.constant(1))
+            if self.has_predict_ctr:
+                self.signatures[layout.SIG_PREDICT_CTR](user=ids, item=ids, **self._ctx_fill(b))
 
     # ------------------------------------------------------------------ queries
     def user_scores(self, users: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +106,24 @@ class ServedModel:
         n = len(items)
         padded = items + [""] * (_bucket(n, self.max_batch) - n)
         out = self.signatures[layout.SIG_SIMILAR](item=tf.constant(padded), k=tf.constant(k, tf.int32))
+        return {name: t.numpy()[:n] for name, t in out.items()}
+
+    def _ctx_fill(self, n: int) -> dict[str, tf.Tensor]:
+        """``n`` rows of each context feature's default value (padding, warm-up)."""
+        return {c: tf.fill([n], tf.constant(int(v["default"]), tf.int32))
+                for c, v in self.context_features.items()}
+
+    def predict_ctr(self, users: list[str], items: list[str],
+                    context: dict[str, list[int]]) -> dict[str, np.ndarray]:
+        """``{head: float32 [b], "known": bool [b]}`` for raw ids and context values, which
+        the caller has checked (``context`` has every feature, values in range)."""
+        n = len(users)
+        pad = _bucket(n, self.max_batch) - n
+        fill = self._ctx_fill(pad)
+        out = self.signatures[layout.SIG_PREDICT_CTR](
+            user=tf.constant(users + [""] * pad), item=tf.constant(items + [""] * pad),
+            **{c: tf.concat([tf.constant(context[c], tf.int32), fill[c]], 0)
+               for c in self.context_features})
         return {name: t.numpy()[:n] for name, t in out.items()}
 
     def item_indices(self, ids: list[str]) -> np.ndarray:
@@ -148,9 +172,13 @@ class ServedModel:
             tensors[name] = _to_tensor(value, spec, name)
         if batch is not None and batch > 0:
             pad = _bucket(batch, self.max_batch) - batch
-            if pad:
-                tensors = {n: (tf.concat([t, tf.fill([pad], "")], 0)
-                               if specs[n].shape.rank == 1 and t.dtype == tf.string else t)
+            if pad:  # ids pad with "" (unknown), context features with their default
+                def filler(n, t):
+                    if t.dtype == tf.string:
+                        return tf.fill([pad], "")
+                    d = self.context_features.get(n, {}).get("default", 0)
+                    return tf.fill([pad], tf.constant(d, t.dtype))
+                tensors = {n: (tf.concat([t, filler(n, t)], 0) if specs[n].shape.rank == 1 else t)
                            for n, t in tensors.items()}
         try:
             out = self.signatures[signature](**tensors)
