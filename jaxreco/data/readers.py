@@ -20,7 +20,6 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import re
 from typing import Any, Iterator
 
@@ -30,8 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from jaxreco.data.dataset import DataError
 from jaxreco.data import storage
+from jaxreco.data.dataset import DataError, Interactions
 
 _INT_RE = r"^[+-]?[0-9]+$"
 _FLOAT_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
@@ -498,6 +497,8 @@ class Source:
       fixed_negatives: ``{"user": int32 [m], "negatives": int32 [m, N]}``, given evaluation
         negatives per user (from-files), used instead of sampling.
       report: extra facts for ``metadata.json`` (e.g. ids seen only in test).
+      interactions: the in-memory :class:`~jaxreco.data.dataset.Interactions` the blocks
+        come from (:meth:`from_interactions`), which :meth:`to_interactions` returns as is.
     """
 
     name: str
@@ -513,6 +514,7 @@ class Source:
     given_split: bool = False
     fixed_negatives: dict[str, np.ndarray] | None = None
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
+    interactions: Any = None
 
     def vocab(self, which: str) -> np.ndarray:
         v = self.user_vocab if which == "user" else self.item_vocab
@@ -548,12 +550,14 @@ class Source:
                     yield {k: v[lo:lo + block_rows] for k, v in cols.items()}
         return cls(name=x.name, user_vocab=x.user_vocab, item_vocab=x.item_vocab, blocks=blocks,
                    num_rows_hint=len(x), fingerprint=fingerprint,
-                   extra_columns={k: np.asarray(v).dtype.str for k, v in extra.items()}, **kw)
+                   extra_columns={k: np.asarray(v).dtype.str for k, v in extra.items()},
+                   interactions=x, **kw)
 
-    def to_interactions(self):
+    def to_interactions(self) -> Interactions:
         """All rows as an :class:`~jaxreco.data.dataset.Interactions` (extra columns such as
         ``label`` are dropped; use ``prepare`` to keep them). For small sources only."""
-        from jaxreco.data.dataset import Interactions
+        if self.interactions is not None:
+            return self.interactions
         parts = list(self.blocks())
         cat = lambda k: (np.concatenate([p[k] for p in parts]) if parts and k in parts[0]  # noqa
                          else None)
@@ -564,13 +568,3 @@ class Source:
                             user_vocab=self.vocab("user").astype(str),
                             item_vocab=self.vocab("item").astype(str), name=self.name)
 
-
-def registry_loader(make_source):
-    """Adapts ``source(cfg, ...)`` to the registry's ``Loader(cfg, cache_dir) -> Interactions``
-    (wheels go to ``<cache_dir>/wheels`` unless the config names a ``cache_dir``)."""
-    def load(cfg, cache):
-        cfg = dict(cfg)
-        if "cache_dir" in cfg and not cfg["cache_dir"]:
-            cfg["cache_dir"] = os.path.join(str(cache), "wheels")
-        return make_source(cfg).to_interactions()
-    return load

@@ -234,8 +234,9 @@ def ground_truth(cfg: Mapping[str, Any], users: np.ndarray, items: np.ndarray
     return {"p_view": pv, "p_any": 1.0 - (1.0 - pv) ** n, "views": n}
 
 
-def source(cfg: Mapping[str, Any]) -> Source:
-    """The :class:`Source` for ``conf/dataset/synthetic-ecommerce.yaml``."""
+def source(cfg: Mapping[str, Any], *, on_bad_rows: str = "error") -> Source:
+    """The :class:`Source` for ``conf/dataset/synthetic-ecommerce.yaml`` (generated rows are
+    never bad, so ``on_bad_rows`` has nothing to do)."""
     p = Params.from_cfg(cfg)
     truth = item_truth(p)
     return Source(

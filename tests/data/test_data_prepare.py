@@ -1,5 +1,6 @@
 """prepare: splits, fixed negatives, leakage check, bad rows, no-op reruns, atomicity."""
 
+import hashlib
 import json
 import os
 
@@ -215,10 +216,87 @@ def test_prepare_to_fsspec_url(run_prepare):
     assert again.get("noop")
 
 
-def test_prepare_yaml_matches_defaults():
-    from omegaconf import OmegaConf
-    from jaxreco.data.prepare import DEFAULTS
-    here = os.path.dirname(__file__)
-    c = OmegaConf.to_container(OmegaConf.load(os.path.join(here, "..", "..", "conf", "prepare",
-                                                           "default.yaml")))
-    assert c == DEFAULTS
+# The defaults as they were written out before jaxreco.config.PrepareConfig became their one
+# source: prepared datasets are keyed by a hash of the full options, so any change here
+# re-prepares every cached dataset (bump PREPARE_VERSION if that is the intent).
+GOLDEN_DEFAULTS = {
+    "output_dir": None, "on_bad_rows": "error", "dedup": "last",
+    "min_user_interactions": 0, "min_item_interactions": 0,
+    "timestamp_min": None, "timestamp_max": None, "rating_min": None, "rating_max": None,
+    "split": {"kind": "random", "test_fraction": 0.1, "val_fraction": 0.1, "seed": 0,
+              "num_val": 1, "num_test": 1, "min_train": 1, "tie_break": "first"},
+    "negatives": {"num": 99, "sampler": "uniform", "seed": 0},
+    "features": {"price_buckets": 10},
+    "num_buckets": None, "compression": "lz4", "leakage_check": True, "progress": True,
+    "temp_dir": None,
+}
+
+
+def test_defaults_come_from_the_schema_as_plain_data_and_are_unchanged():
+    from jaxreco.data.prepare import DEFAULTS, options
+    assert DEFAULTS == GOLDEN_DEFAULTS
+    assert json.dumps(DEFAULTS, sort_keys=True) == json.dumps(GOLDEN_DEFAULTS, sort_keys=True)
+    assert type(DEFAULTS["split"]["kind"]) is str
+    assert options(None) == DEFAULTS
+    # a partial dict, as the trainer and the tests pass it, fills in from the schema
+    o = options({"split": {"kind": "leave_last_out"}, "negatives": {"num": 5}})
+    assert o["split"] == {**DEFAULTS["split"], "kind": "leave_last_out"}
+    assert o["negatives"] == {**DEFAULTS["negatives"], "num": 5}
+
+
+@pytest.mark.parametrize("prep, message", [
+    ({"split": {"kind": "randm"}}, r"prepare.split.kind: Invalid value 'randm'"),
+    ({"negatives": {"nmu": 5}}, r"prepare.negatives.nmu: Key 'nmu' not in"),
+    ({"split": {"test_fraction": 0.6, "val_fraction": 0.4}},
+     r"prepare.split.test_fraction \+ prepare.split.val_fraction = 0.6 \+ 0.4 = 1.0: must be < 1"),
+    ({"negatives": {"num": -1}}, r"^prepare.negatives.num=-1: must be an integer >= 0$"),
+    ({"num_buckets": 0}, r"^prepare.num_buckets=0: must be an integer >= 1, or null$"),
+])
+def test_bad_options_are_refused_naming_the_key_before_reading(prep, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        prepare({"dataset": {"name": "from-files", "train": str(tmp_path / "absent.csv")},
+                 "prepare": {"output_dir": str(tmp_path / "out"), **prep}})
+
+
+def test_prepared_dir_is_keyed_by_content_options(monkeypatch, tmp_path):
+    from jaxreco.data.prepare import DEFAULTS, PREPARE_VERSION, prepared_dir
+
+    monkeypatch.setenv("JAXRECO_CACHE", str(tmp_path / "c"))
+    ds = {"name": "movielens-100k", "path": None}
+    llo = {"split": {"kind": "leave_last_out", "num_val": 0}}
+    d = prepared_dir(ds, llo)
+    assert d.startswith(str(tmp_path / "c" / "prepared-datasets" / "movielens-100k-"))
+    assert len(os.path.basename(d)) == len("movielens-100k-") + 12
+    full = json.loads(json.dumps(DEFAULTS))
+    full["split"].update(kind="leave_last_out", num_val=0)
+    assert prepared_dir(ds, full) == d                       # defaults filled in either way
+    assert prepared_dir(ds, {**llo, "progress": False, "temp_dir": "/x"}) == d
+    assert prepared_dir(ds, {**llo, "negatives": {"num": 5}}) != d
+    assert prepared_dir({**ds, "path": "/data"}, llo) != d
+    assert prepared_dir(ds, {**llo, "output_dir": "/data/out"}) == "/data/out"
+    # the hash: [dataset, options without output_dir/progress/temp_dir, PREPARE_VERSION]
+    keep = {k: v for k, v in full.items() if k not in ("output_dir", "progress", "temp_dir")}
+    key = hashlib.sha256(json.dumps([ds, keep, PREPARE_VERSION], sort_keys=True,
+                                    default=str).encode()).hexdigest()
+    assert d.endswith(key[:12])
+
+
+def test_random_global_split_is_the_in_memory_random_split_row_for_row(ml_dir, cache_env,
+                                                                        run_prepare):
+    """What the rating experiments (ml100k_mf, ml1m_mf) prepare: the split they had in memory."""
+    from jaxreco.data import registry, split as split_lib
+
+    ds = {"name": "movielens-100k", "path": str(ml_dir)}
+    sp = {"kind": "random_global", "test_fraction": 0.1, "val_fraction": 0.05, "seed": 0}
+    meta, out = run_prepare(ds, dedup="none", negatives={"num": 0}, split=sp, num_buckets=3)
+    x = registry.load(ds)
+    want = split_lib.random_split(x, test_fraction=0.1, val_fraction=0.05, seed=0)
+    for s in ("train", "val", "test"):
+        got = load_split(out, s)
+        order = np.lexsort((got["item"], got["user"]))   # shards are per user range
+        w = want[s]
+        worder = np.lexsort((w.item, w.user))
+        np.testing.assert_array_equal(got["user"][order], w.user[worder])
+        np.testing.assert_array_equal(got["item"][order], w.item[worder])
+        np.testing.assert_array_equal(got["rating"][order], w.rating[worder])
+    assert meta["num_users"] == x.num_users and meta["num_items"] == x.num_items

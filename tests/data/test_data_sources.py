@@ -131,3 +131,34 @@ def test_real_zozotown_wheel(run_prepare, tmp_path_factory):
     tr = load_split(out, "train")
     assert set(np.unique(tr["position"]).tolist()) == {1, 2, 3}
     assert 0 < tr["label"].mean() < 0.05
+
+
+def test_movielens_directory_honours_on_bad_rows_skip(ml_dir, cache_env, run_prepare):
+    """prepare.on_bad_rows reaches the MovieLens loader: a bad row stops it (error), or is
+    left out and quarantined (skip); the cached parse is never used for skip."""
+    with open(ml_dir / "u.data", "a") as f:
+        f.write("7\t8\tfive\t880000000\n")
+    ds = {"name": "movielens-100k", "path": str(ml_dir)}
+    with pytest.raises(DataError, match=r"u.data:3001: field 'rating' = 'five'"):
+        run_prepare(ds, negatives={"num": 0})
+    meta, out = run_prepare(ds, on_bad_rows="skip", negatives={"num": 0})
+    assert meta["bad_rows"] == {"policy": "skip", "skipped": 1, "by_reason": meta["bad_rows"]
+                                ["by_reason"], "quarantine": "quarantine.csv"}
+    assert meta["counts"]["raw_rows"] == 3000
+    q = open(f"{out}/quarantine.csv").read().splitlines()
+    assert len(q) == 2 and "u.data,3001,rating,five" in q[1]
+    assert not list((cache_env / "prepared").glob("*.npz"))
+
+
+def test_one_registry_opens_every_source_and_loads_in_memory(ml_dir, cache_env):
+    from jaxreco.data import registry
+
+    ds = {"name": "movielens-100k", "path": str(ml_dir)}
+    src = registry.open_source(ds)
+    x = registry.load(ds)
+    assert src.num_users == x.num_users and len(x) == 3000
+    assert len(list((cache_env / "prepared").glob("movielens-100k-*.npz"))) == 1
+    syn = registry.load(SYN)
+    assert len(syn) == SYN["num_interactions"] and syn.name == "synthetic-ecommerce"
+    with pytest.raises(DataError, match=r"dataset.name='nope' is unknown; known datasets: "):
+        registry.open_source({"name": "nope"})
