@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from jaxreco.run import evaluate_run
 from jaxreco.runtime import configure_xla
 
 
@@ -21,7 +22,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: best)")
     p.add_argument("--no-full", action="store_true", help="skip full-ranking evaluation")
     a = p.parse_args(argv)
-    from jaxreco.run import evaluate_run
     try:
         out = evaluate_run(a.run_dir, step=a.step, full=not a.no_full)
     except (FileNotFoundError, ValueError) as e:

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from jaxreco.export import ExportError, export_run
 from jaxreco.runtime import configure_xla
 
 
@@ -37,11 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     version = args.version if args.version is not None else next_version(args.out_dir)
 
-    from jaxreco.export import ExportError, export_run
-
     try:
         path = export_run(args.run_dir, args.out_dir, version, step=args.step)
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, FileNotFoundError, ValueError) as e:
         print(f"jaxreco-export: {e}", file=sys.stderr)
         return 2
     print(path)

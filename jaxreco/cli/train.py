@@ -19,9 +19,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from jaxreco import config
+from jaxreco import config, tracking
 from jaxreco.cli import CONF_DIR, quiet_libraries, user_errors
+from jaxreco.distributed import detect, initialize_from_env
 from jaxreco.runtime import configure_xla
+from jaxreco.train.loop import train_and_evaluate
 
 log = logging.getLogger("jaxreco")
 config.register()
@@ -40,9 +42,6 @@ def failure_reason(e: BaseException) -> str:
 
 
 def _train(cfg: DictConfig, workdir: Path) -> dict:
-    from jaxreco.distributed import initialize_from_env
-    from jaxreco.train.loop import train_and_evaluate  # after Hydra parsed the command line
-
     initialize_from_env()
     return train_and_evaluate(cfg, workdir)
 
@@ -55,9 +54,6 @@ def _app(cfg: DictConfig) -> float:
     if hc.mode != RunMode.MULTIRUN:
         with user_errors():
             return _train(cfg, workdir).objective
-
-    from jaxreco import tracking
-    from jaxreco.distributed import detect
 
     overrides = list(hc.overrides.task)
     run = {"num": hc.job.num, "overrides": overrides, "dir": str(workdir), "error": None}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from jaxreco.train.tasks.base import PreparedData, Task, prepared_dir
+from jaxreco.train.tasks.base import PreparedData, Task
 from jaxreco.train.tasks.ctr import CtrTask
 from jaxreco.train.tasks.implicit import ImplicitTask, row_norms
 from jaxreco.train.tasks.rating import RatingTask
@@ -17,7 +17,7 @@ from jaxreco.train.tasks.rating import RatingTask
 TASKS: dict[str, type[Task]] = {"rating": RatingTask, "implicit": ImplicitTask, "ctr": CtrTask}
 
 __all__ = ["TASKS", "CtrTask", "ImplicitTask", "PreparedData", "RatingTask", "Task", "build",
-           "prepared_dir", "row_norms"]
+           "row_norms"]
 
 
 def build(cfg: DictConfig, data: PreparedData) -> Task:

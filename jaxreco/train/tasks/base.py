@@ -16,10 +16,7 @@ first; a restored run opens the directory its ``splits.json`` recorded). Each ta
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from typing import Any
 
 import numpy as np
@@ -31,19 +28,6 @@ from jaxreco.data import storage
 log = logging.getLogger("jaxreco")
 
 SPLITS = ("train", "val", "test")
-
-
-def prepared_dir(ds: dict, prep: dict) -> str:
-    """``prep["output_dir"]``, or a cache directory named by the dataset and a hash of the
-    dataset + prepare options + prepare's version (so differently prepared copies, or copies
-    made by code that splits differently, never overwrite each other)."""
-    if prep.get("output_dir"):
-        return str(prep["output_dir"])
-    key = hashlib.sha256(json.dumps([ds, prep, prepare_lib.PREPARE_VERSION], sort_keys=True,
-                                    default=str).encode()).hexdigest()
-    root = os.environ.get("JAXRECO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                           "jaxreco")
-    return os.path.join(root, "prepared-datasets", f"{ds['name']}-{key[:12]}")
 
 
 class PreparedData:
@@ -61,7 +45,7 @@ class PreparedData:
         up to date) and opens the result."""
         ds = OmegaConf.to_container(cfg.dataset, resolve=True)
         prep = OmegaConf.to_container(cfg.task.prepare, resolve=True) or {}
-        out = prepared_dir(ds, prep)
+        out = prepare_lib.prepared_dir(ds, prep)
         meta = prepare_lib.prepare({"dataset": ds, "prepare": {**prep, "output_dir": out,
                                                                "progress": False}})
         return cls(out, meta)

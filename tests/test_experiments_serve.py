@@ -1,0 +1,80 @@
+"""Every experiment in conf/experiment/ trains on smoke-sized data, exports through the one
+path (``jaxreco.export.export_run``) and is served: the server's own ``/recommend`` code
+answers from the SavedModel with the run's scores, and CTR models answer ``predict_ctr``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow", reason="export tests need the [export] extra (tensorflow-cpu)")
+
+from jaxreco import export as export_lib  # noqa: E402
+from jaxreco.run import restore_run  # noqa: E402
+from jaxreco.serve.app import _recommend_batch  # noqa: E402
+from jaxreco.serve.model import ServedModel  # noqa: E402
+from tests.conftest import write_ratings_dat, write_u_data  # noqa: E402
+from tests.support import ROOT, train  # noqa: E402
+from tests.test_export_run import _obd_wheel  # noqa: E402
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+SMALL = ["trainer.epochs=1", "trainer.batch_size=64", "trainer.progress_bar=false",
+         "trainer.async_checkpoint=false", "logger.tensorboard=false", "mesh.axes.data=1",
+         "mesh.axes.model=1"]
+EMBED = ["model.dim=4", "model.mf_dim=4", "model.mlp_dims=[8,4]"]
+
+
+def _overrides(name: str, tmp_path) -> list[str]:
+    if name in ("ml100k_mf", "ml1m_mf"):
+        write = write_u_data if name == "ml100k_mf" else write_ratings_dat
+        return [f"dataset.path={write(tmp_path / 'ml', num_users=40, num_items=30, n=900)}",
+                "model.dim=4"]
+    if name.startswith("ml1m_ncf"):
+        d = write_ratings_dat(tmp_path / "ml", num_users=40, num_items=120, n=1200)
+        return [f"dataset.path={d}", "task.prepare.negatives.num=9", *EMBED]
+    if name == "synthetic_ctr":
+        return ["dataset.num_interactions=8000", "dataset.num_users=100",
+                "dataset.num_items=60", *EMBED]
+    if name == "zozotown_ctr":
+        _obd_wheel(tmp_path / "wheels", n=2000)
+        return [f"dataset.cache_dir={tmp_path / 'wheels'}", "dataset.policies=[random]", *EMBED]
+    raise AssertionError(f"no smoke-sized data for experiment {name}: add it here")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_exports_and_serves(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXRECO_CACHE", str(tmp_path / "cache"))
+    over = [f"experiment={name}", *_overrides(name, tmp_path), *SMALL]
+    if name == "ml1m_ncf_neumf_pretrained":        # pre-trained from a GMF and an MLP run
+        for part in ("gmf", "mlp"):
+            train(tmp_path / part, [f"experiment=ml1m_ncf_{part}", *over[1:]])
+        over += [f"model.pretrained_gmf={tmp_path / 'gmf'}",
+                 f"model.pretrained_mlp={tmp_path / 'mlp'}"]
+    metrics = train(tmp_path / "run", over)
+    path = export_lib.export_run(tmp_path / "run", tmp_path / "models", 1)
+    served = ServedModel(path)
+
+    r = restore_run(tmp_path / "run", full=False)
+    uv = r.task.data.table("user_vocab")["raw_id"].astype(str)
+    users = [str(u) for u in uv[:3]]
+    out = _recommend_batch(served, [{"users": users, "k": 5, "exclude_items": []}])[0]
+    assert [x["user"] for x in out["results"]] == users
+    seen = r.task.positives("train")
+    iv = r.task.data.table("item_vocab")["raw_id"].astype(str)
+    scores, known = served.user_scores(users)
+    assert known.all()
+    for row, res in enumerate(out["results"]):
+        assert not res["cold_start"] and len(res["items"]) == 5
+        mine = set(iv[seen[1][seen[0] == row]])
+        assert not mine & {x["item"] for x in res["items"]}          # training items excluded
+        got = [x["score"] for x in res["items"]]
+        assert got == sorted(got, reverse=True)
+    meta = json.loads((path / "assets.extra" / "jaxreco.json").read_text())
+    assert meta["model_info"]["checkpoint_step"] == metrics["train/best_step"]
+    if r.task.kind == "ctr":
+        ctx = {f: [0, 0, 0] for f in r.cfg.task.context_features}
+        p = served.predict_ctr(users, [str(i) for i in iv[:3]], ctx)
+        probs = np.asarray(p["click"] if "click" in p else next(iter(p.values())))
+        assert probs.shape == (3,) and ((probs > 0) & (probs < 1)).all()
