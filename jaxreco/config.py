@@ -149,6 +149,12 @@ class ObdCampaign(Choice):
     women = "women"
 
 
+class EventsIdentity(Choice):
+    """Who a row of ``dataset=events`` belongs to (``jaxreco.data.events.shopper``)."""
+    user = "user"          # the user id; ``session:<id>`` where the user is null
+    session = "session"    # the session id; ``user:<id>`` where the session is null
+
+
 # ----------------------------------------------------------------------------- datasets
 @dataclasses.dataclass
 class MovieLensConfig:
@@ -225,6 +231,16 @@ class ZozotownObdConfig:
         default_factory=lambda: [ObdPolicy.random, ObdPolicy.bts])
     campaign: ObdCampaign = ObdCampaign.all
     cache_dir: Optional[str] = None
+
+
+@dataclasses.dataclass
+class EventsConfig:
+    """``conf/dataset/events.yaml``: what shoppers did with served recommendations, read from
+    the server's event segments (``jaxreco.data.events``)."""
+    name: str = "events"
+    path: str = MISSING              # the server's --events-dir: local directory or fsspec URL
+    identity: EventsIdentity = EventsIdentity.user
+    arms: Optional[list[str]] = None  # keep only impressions served by these arms (null: all)
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -421,6 +437,7 @@ DATASET_SCHEMAS: dict[str, type] = {
     "synthetic_ecommerce": SyntheticEcommerceConfig,
     "instacart_sample": InstacartSampleConfig,
     "zozotown_obd": ZozotownObdConfig,
+    "events": EventsConfig,
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from jaxreco.data import from_files, instacart, movielens, synthetic, zozotown
+from jaxreco.data import events, from_files, instacart, movielens, synthetic, zozotown
 from jaxreco.data.dataset import DataError, Interactions
 from jaxreco.data.readers import Source
 
@@ -24,6 +24,7 @@ SOURCES: dict[str, SourceFn] = {
     "instacart-sample": instacart.source,
     "synthetic-ecommerce": synthetic.source,
     "zozotown-obd": zozotown.source,
+    "events": events.source,
 }
 
 
