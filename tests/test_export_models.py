@@ -264,5 +264,7 @@ def _fuzz_predict_ctr(server, client, examples=400):
             assert isinstance(out["error"], str) and out["error"]
 
     fuzz()
-    assert statuses.get(200, 0) >= 20 and statuses.get(422, 0) >= 50, statuses
+    # both kinds of answer were exercised: valid bodies, and bodies refused with a 4xx
+    assert statuses.get(200, 0) >= 20, statuses
+    assert statuses.get(400, 0) + statuses.get(422, 0) >= 50, statuses
     assert client.post("/predict_ctr", {"user": ["u1"], "item": ["i1"], "position": [0]})[0] == 200
