@@ -39,7 +39,8 @@ def served(tmp_path_factory):
              "promoted_items": {data.item_id(PROMOTED): BOOST}, "max_per_category": CAP}
     (tmp / "rules.json").write_text(json.dumps(rules))
     server = S.Server(tmp / "models", tmp / "server.log", "--rules", str(tmp / "rules.json"),
-                      "--model-name", "mf", "--max-batch", "32", "--max-body-bytes", "20000")
+                      "--model-name", "mf", "--max-batch", "32", "--max-body-bytes", "20000",
+                      "--events-dir", str(tmp / "events"), "--replica-id", "t0")
     try:
         server.wait()
         yield server, data, data.all_scores()
@@ -114,7 +115,9 @@ def test_cold_start_gets_popular_items_marked(served, client):
     st, body = client.post("/recommend", {"users": ["nobody", "u3"], "k": 6})
     assert st == 200
     cold, warm = body["results"]
-    assert cold == {"user": "nobody", "cold_start": True, "items": cold["items"]}
+    assert cold == {"user": "nobody", "cold_start": True, "items": cold["items"],
+                    "request_id": cold["request_id"], "arm": "default", "model_version": 1}
+    assert len(cold["request_id"]) == 32 and cold["request_id"] != warm["request_id"]
     assert _ids(cold["items"]) == _ref(data, scores, None, 6)
     assert warm["cold_start"] is False
 
@@ -254,7 +257,7 @@ def test_openapi_schema_lists_the_endpoints(client):
     st, schema = client.get("/openapi.json")
     assert st == 200
     assert {"/recommend", "/similar", "/healthz", "/readyz", "/v1/models/{name}",
-            "/v1/models/{name}:predict", "/predict_ctr"} <= set(schema["paths"])
+            "/v1/models/{name}:predict", "/predict_ctr", "/events", "/v1/ab"} <= set(schema["paths"])
     body = schema["paths"]["/predict_ctr"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"]["required"] == ["user", "item"]
     req = schema["components"]["schemas"]["RecommendRequest"]["properties"]

@@ -11,11 +11,19 @@ Endpoints (all JSON; errors are ``{"error": "<what was wrong>"}`` with a 4xx sta
 - ``POST /similar``                     items that go together with given items.
 - ``POST /predict_ctr``                 click (per-head) probabilities of (user, item,
                                         context) rows; models exported from ctr runs.
+- ``POST /events``                      shopper events (impression, click, cart, purchase),
+                                        acknowledged once durably in the event log.
+- ``GET  /v1/ab``                       the A/B arms, their versions, the split and salt.
+- ``GET  /metrics``                     Prometheus metrics (not in the OpenAPI schema).
 - ``GET  /openapi.json``                this API's schema.
 
 Scoring runs on one worker thread; concurrent ``/recommend`` requests are merged into one
-``user_scores`` call (micro-batching without a wait window: whatever queued while the
-previous call ran), then each request's rules and top-k run vectorised in numpy.
+``user_scores`` call per arm (micro-batching without a wait window: whatever queued while
+the previous call ran), then each request's rules and top-k run vectorised in numpy. Each
+result carries a ``request_id``, its ``arm`` and ``model_version``; with an event log every
+result is logged as a ``served`` record before the answer is sent (not waiting for fsync:
+an event about it is acknowledged only after a later fsync of the same log, which covers the
+served record too).
 """
 
 import asyncio
@@ -25,6 +33,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import time
+import uuid
 from typing import Annotated, Any, Union
 
 import numpy as np
@@ -35,6 +45,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_v
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxreco.serve import layout
+from jaxreco.serve.ab import DEFAULT_ARM, ABConfig
+from jaxreco.serve.events import EVENT_KINDS, EventLog, EventLogError, EventLogFull
+from jaxreco.serve.metrics import MetricsMiddleware, ServeMetrics, label
 from jaxreco.serve.model import ModelManager, PredictError, ServedModel
 from jaxreco.serve.rules import top_k
 
@@ -49,6 +62,8 @@ class ServeConfig:
     max_exclude: int = 1000          # per-request exclude_items
     max_body_bytes: int = 64 * 1024  # request bodies above this get 413
     max_id_chars: int = 256
+    max_events: int = 1000           # events per POST /events
+    max_events_body_bytes: int = 2 * 2**20  # the body limit of POST /events
 
 
 class ApiError(Exception):
@@ -78,12 +93,13 @@ class RequestGuardMiddleware:
     (``curl -d`` sends ``application/x-www-form-urlencoded``).
     """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, path_limits: dict[str, int] | None = None):
+        self.app, self.default_limit, self.path_limits = app, limit, dict(path_limits or {})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.path_limits.get(scope.get("path", ""), self.default_limit)
         if scope.get("method") == "POST":
             headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
             scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
@@ -93,9 +109,9 @@ class RequestGuardMiddleware:
                     n = int(v)
                 except ValueError:
                     return await _asgi_error(send, 400, "invalid Content-Length header")
-                if n > self.limit:
+                if n > limit:
                     return await _asgi_error(
-                        send, 413, f"request body of {n} bytes exceeds the limit of {self.limit} bytes")
+                        send, 413, f"request body of {n} bytes exceeds the limit of {limit} bytes")
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         # Read the whole body here (at most ``limit`` bytes are ever held), then replay it.
@@ -106,9 +122,9 @@ class RequestGuardMiddleware:
                 return
             chunk = msg.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
+            if size > limit:
                 return await _asgi_error(
-                    send, 413, f"request body exceeds the limit of {self.limit} bytes")
+                    send, 413, f"request body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
             more = msg.get("more_body", False)
         body = b"".join(chunks)
@@ -135,23 +151,24 @@ async def _asgi_error(send, status: int, message: str) -> None:
 
 # ---------------------------------------------------------------------- micro-batcher
 class _Batcher:
-    """Runs ``fn(model, [payload...])`` on the worker thread for whatever has queued."""
+    """Runs ``fn(resolve(), [payload...])`` on the worker thread for whatever has queued
+    (``resolve()``: the models, read once per batch)."""
 
-    def __init__(self, executor, fn, max_items: int):
-        self._executor, self._fn, self._max = executor, fn, max_items
+    def __init__(self, executor, fn, max_items: int, resolve):
+        self._executor, self._fn, self._max, self._resolve = executor, fn, max_items, resolve
         self._queue: collections.deque[tuple[Any, int, asyncio.Future]] = collections.deque()
         self._running = False
 
-    async def submit(self, manager: ModelManager, payload, size: int):
+    async def submit(self, payload, size: int):
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.append((payload, size, fut))
         if not self._running:
             self._running = True
-            loop.create_task(self._drain(manager))
+            loop.create_task(self._drain())
         return await fut
 
-    async def _drain(self, manager: ModelManager):
+    async def _drain(self):
         loop = asyncio.get_running_loop()
         try:
             while self._queue:
@@ -160,10 +177,10 @@ class _Batcher:
                     p = self._queue.popleft()
                     batch.append(p)
                     total += p[1]
-                model = manager.current  # one version for the whole batch
+                models = self._resolve()  # one version per arm for the whole batch
                 try:
                     results = await loop.run_in_executor(
-                        self._executor, self._fn, model, [p[0] for p in batch])
+                        self._executor, self._fn, models, [p[0] for p in batch])
                 except Exception as e:  # noqa: BLE001 - handed to each waiting request
                     for _, _, fut in batch:
                         if not fut.done():
@@ -176,23 +193,49 @@ class _Batcher:
             self._running = False
 
 
-def _recommend_batch(model: ServedModel, payloads: list[dict]) -> list[dict]:
-    """Worker thread: one ``user_scores`` call for all requests, then rules per request."""
-    users = [u for p in payloads for u in p["users"]]
-    scores, known = model.user_scores(users)
-    out, start = [], 0
-    for p in payloads:
-        n = len(p["users"])
-        s, kn = scores[start:start + n], known[start:start + n]
-        start += n
-        extra = model.item_indices(p["exclude_items"]) if p["exclude_items"] else None
-        idx, vals = top_k(s, p["k"], model.rules, extra)
+def _recommend_batch(arms, payloads: list[dict]) -> list[dict]:
+    """Worker thread: one ``user_scores`` call per arm for all requests, then rules per request.
+
+    ``arms``: ``[(arm name, ServedModel), ...]``, or one ``ServedModel`` (the default arm).
+    A payload is ``{"users": [id or None], "arms": [arm index per user] (default: all 0),
+    "k", "exclude_items"}``; a None user is an anonymous shopper (cold start). Each result
+    gets a fresh ``request_id`` (uuid4 hex), its ``arm`` and ``model_version``; a payload's
+    answer has a top-level ``model_version`` when all its results share one.
+    """
+    if isinstance(arms, ServedModel):
+        arms = [(DEFAULT_ARM, arms)]
+    rows: dict[int, list[tuple[int, int]]] = {}  # arm -> [(payload, row)], payload-major
+    for i, p in enumerate(payloads):
+        for r, a in enumerate(p.get("arms") or [0] * len(p["users"])):
+            rows.setdefault(a, []).append((i, r))
+    results: list[list[dict | None]] = [[None] * len(p["users"]) for p in payloads]
+    for a, pos in rows.items():
+        name, model = arms[a]
+        scores, known = model.user_scores([payloads[i]["users"][r] or "" for i, r in pos])
         promoted = model.rules.is_promoted
-        out.append({"model_version": model.version, "results": [
-            {"user": u, "cold_start": not bool(kn[r]),
-             "items": [{"item": model.item_ids[i], "score": float(v), "promoted": bool(promoted[i])}
-                       for i, v in zip(idx[r].tolist(), vals[r].tolist())]}
-            for r, u in enumerate(p["users"])]})
+        j = 0
+        while j < len(pos):  # the consecutive rows of one payload
+            i, e = pos[j][0], j
+            while e < len(pos) and pos[e][0] == i:
+                e += 1
+            p = payloads[i]
+            extra = model.item_indices(p["exclude_items"]) if p["exclude_items"] else None
+            idx, vals = top_k(scores[j:e], p["k"], model.rules, extra)
+            for n in range(e - j):
+                r = pos[j + n][1]
+                results[i][r] = {
+                    "user": p["users"][r], "cold_start": not bool(known[j + n]),
+                    "items": [{"item": model.item_ids[t], "score": float(v),
+                               "promoted": bool(promoted[t])}
+                              for t, v in zip(idx[n].tolist(), vals[n].tolist())],
+                    "request_id": uuid.uuid4().hex, "arm": name, "model_version": model.version}
+            j = e
+    out = []
+    for res in results:
+        versions = {x["model_version"] for x in res}
+        body: dict[str, Any] = {"model_version": versions.pop()} if len(versions) == 1 else {}
+        body["results"] = res
+        out.append(body)
     return out
 
 
@@ -226,8 +269,21 @@ def _jsonable(a: np.ndarray) -> Any:
 
 # ---------------------------------------------------------------------- the app
 def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
-               start_polling: bool = True) -> FastAPI:
-    """Builds the ASGI app around a :class:`ModelManager` (started on app start-up)."""
+               start_polling: bool = True, ab: ABConfig | None = None,
+               event_log: EventLog | None = None) -> FastAPI:
+    """Builds the ASGI app around a :class:`ModelManager` (started on app start-up).
+
+    ``ab``: the arms (default: one arm serving the newest version); pinned arms need a
+    manager built with ``pinned=ab.pinned_versions``. ``event_log``: where served records
+    and ``POST /events`` go (started on app start-up if not yet; None: not collected).
+    """
+    ab = ab or ABConfig.default()
+    if not ab.is_default and tuple(manager.pinned) != tuple(ab.pinned_versions):
+        raise ValueError(f"the arms pin versions {ab.pinned_versions} but the ModelManager "
+                         f"pins {list(manager.pinned)}: build it with pinned=ab.pinned_versions")
+    metrics = ServeMetrics()
+    replica = event_log.replica if event_log is not None else None
+    split_map = ab.split_map()
     Id = Annotated[Union[StrictStr, StrictInt], Field(
         description="A raw id as in the training data (a JSON string, or an integer).")]
 
@@ -243,17 +299,27 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         return out
 
     class RecommendRequest(_Body):
-        """Exactly one of ``user`` and ``users``."""
+        """Exactly one of ``user`` and ``users``; or only a ``session`` (one anonymous
+        shopper, answered with the cold-start list)."""
         user: Id | None = None
-        users: list[Id] | None = Field(None, min_length=1, max_length=config.max_batch)
+        users: list[Id] | None = Field(None, max_length=config.max_batch)
+        session: Id | None = Field(None, description=(
+            "The shopper's session id: the A/B key of an anonymous shopper (no user), and "
+            "recorded with the served list."))
         k: StrictInt = Field(10, ge=1, le=config.max_k)
         exclude_items: list[Id] = Field(default_factory=list, max_length=config.max_exclude,
                                         description="Items not to recommend in this request.")
 
         @model_validator(mode="after")
         def _one(self):
+            if self.session is not None and self.user is None and not self.users:
+                return self  # one anonymous shopper
             if (self.user is None) == (self.users is None):
-                raise ValueError("give exactly one of 'user' (one id) and 'users' (a list of ids)")
+                raise ValueError("give exactly one of 'user' (one id) and 'users' (a list of "
+                                 "ids), or only a 'session' for an anonymous shopper")
+            if self.users is not None and not self.users:
+                raise ValueError("users: List should have at least 1 item (or give only a "
+                                 "'session' for an anonymous shopper)")
             return self
 
     class SimilarRequest(_Body):
@@ -274,12 +340,15 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         promoted: bool
 
     class UserResult(BaseModel):
-        user: str
+        user: str | None = Field(description="null for an anonymous shopper (a session only).")
         cold_start: bool = Field(description="Unknown user: the items are the most popular ones.")
         items: list[ScoredItem]
+        request_id: str = Field(description="Names this list in POST /events (uuid4 hex).")
+        arm: str = Field(description="The A/B arm that served it ('default' without arms).")
+        model_version: int
 
     class RecommendResponse(BaseModel):
-        model_version: int
+        model_version: int | None = Field(None, description="When all results share one.")
         results: list[UserResult]
 
     class SimilarItem(BaseModel):
@@ -305,20 +374,32 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
     errors = {400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
               503: {"model": ErrorBody}}
 
+    def _arm_models() -> list[tuple[str, ServedModel | None]]:
+        if ab.is_default:
+            return [(DEFAULT_ARM, manager.current)]
+        return [(a.name, manager.loaded.get(a.version)) for a in ab.arms]
+
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer")
-    batcher = _Batcher(executor, _recommend_batch, max_items=config.max_batch)
+    batcher = _Batcher(executor, _recommend_batch, max_items=config.max_batch,
+                       resolve=_arm_models)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        log.info("%s; split %s", ab.describe(), split_map)
+        if event_log is not None and not event_log.started:
+            event_log.start()
         if start_polling:
             manager.start()
         yield
         manager.stop()
         executor.shutdown(wait=True)
+        if event_log is not None:
+            event_log.close()
 
     app = FastAPI(title="jaxreco serving", version="1", lifespan=lifespan,
                   description="Recommendations from a jaxreco SavedModel; TF-Serving-compatible REST.")
     app.state.manager, app.state.config = manager, config
+    app.state.ab, app.state.event_log, app.state.metrics = ab, event_log, metrics
 
     # ---------------------------------------------------------------- errors
     @app.exception_handler(ApiError)
@@ -385,9 +466,16 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
     @app.get("/readyz", responses=errors)
     async def readyz():
         m = manager.current
+        if not ab.is_default:
+            problem = manager.pinned_problem()
+            if problem:
+                return _err(503, f"not ready: {problem}")
         if m is None:
             return _err(503, f"not ready: no model version loaded from {manager.model_dir}")
-        return {"status": "ready", "model_version": m.version}
+        if ab.is_default:
+            return {"status": "ready", "model_version": m.version}
+        return {"status": "ready", "model_version": m.version,
+                "arms": {a.name: a.version for a in ab.arms}}
 
     # ---------------------------------------------------------------- TF Serving REST
     @app.get("/v1/models/{name}", responses=errors)
@@ -412,8 +500,11 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         _check_name(name)
         m = _model()
         if version is not None and version != m.version:
-            raise ApiError(404, f"version {version} of model {name!r} is not loaded; "
-                                f"serving version {m.version}")
+            if version not in manager.loaded:
+                serving = sorted(manager.loaded) or [m.version]
+                raise ApiError(404, f"version {version} of model {name!r} is not loaded; "
+                                    f"serving version {', '.join(map(str, serving))}")
+            m = manager.loaded[version]
         sig = req.signature_name
         if sig not in m.signatures:
             raise ApiError(400, f"unknown signature_name {sig[:100]!r}; available: "
@@ -479,14 +570,50 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         return await _predict(name, version, req)
 
     # ---------------------------------------------------------------- recommendations
+    def _log_served(out: dict, session: str | None) -> None:
+        """One ``served`` record per result, queued before the answer leaves."""
+        ts = time.time()
+        records = []
+        for res in out["results"]:
+            metrics.served.labels(res["arm"], str(res["model_version"])).inc()
+            if event_log is None:
+                continue
+            event_log.recent.put(res["request_id"], res["arm"], res["model_version"])
+            records.append({"kind": "served", "request_id": res["request_id"], "ts": ts,
+                            "user": res["user"], "session": session, "arm": res["arm"],
+                            "model_version": res["model_version"],
+                            "items": [x["item"] for x in res["items"]], "replica": replica,
+                            "split": split_map, "salt": ab.salt})
+        if records:
+            try:
+                event_log.submit(records)
+            except EventLogFull as e:
+                metrics.served_dropped.inc(len(records))
+                log.warning("served records not logged: %s", e)
+
     @app.post("/recommend", response_model=RecommendResponse, responses=errors)
     async def recommend(req: RecommendRequest):
-        m = _model()
-        _check_k(req.k, m.num_items)
-        users = _ids_check([req.user] if req.users is None else req.users, "users")
-        payload = {"users": users, "k": req.k,
+        arms = _arm_models()
+        for name, m in arms:
+            if m is None:
+                if ab.is_default:
+                    raise ApiError(503, f"no model loaded yet from {manager.model_dir}")
+                version = next(a.version for a in ab.arms if a.name == name)
+                raise ApiError(503, f"arm {name!r} (model version {version}) is not serving: "
+                                    f"{manager.pinned_problem()}")
+        session = None if req.session is None else _ids_check([req.session], "session")[0]
+        if req.user is None and not req.users:
+            users: list[str | None] = [None]  # one anonymous shopper
+        else:
+            users = _ids_check([req.user] if req.users is None else req.users, "users")
+        arm_of = [ab.assign(u if u else (session or "")) for u in users]
+        for a in sorted(set(arm_of)):
+            _check_k(req.k, arms[a][1].num_items)
+        payload = {"users": users, "arms": arm_of, "k": req.k,
                    "exclude_items": _ids_check(req.exclude_items, "exclude_items")}
-        return _json(await batcher.submit(manager, payload, len(users)))
+        out = await batcher.submit(payload, len(users))
+        _log_served(out, session)
+        return _json(out)
 
     @app.post("/similar", response_model=SimilarResponse, responses=errors)
     async def similar(req: SimilarRequest):
@@ -529,8 +656,207 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
                       "predictions": {h: _jsonable(out[h]) for h in m.heads},
                       "known": _jsonable(out["known"])})
 
-    app.add_middleware(RequestGuardMiddleware, limit=config.max_body_bytes)
+    # ---------------------------------------------------------------- events and A/B
+    @app.post("/events", responses={**errors, 422: {"model": ErrorBody}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": events_schema(config)}}}})
+    async def events(request: Request):
+        """Shopper events about served lists; answered ``{"accepted": n_new, "duplicates":
+        n_dup}`` once they are durably in the event log (an ``event_id`` this replica wrote
+        before is acknowledged as a duplicate and not written again). A bad event gets 422
+        naming it: ``events[3].value=-2: must be >= 0``."""
+        if event_log is None:
+            raise ApiError(503, "this server does not collect events: start jaxreco-serve with "
+                                "--events-dir DIR (or JAXRECO_EVENTS_DIR)")
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            raise ApiError(400, f"malformed JSON body: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object: {\"events\": [...]}")
+        try:
+            records = _event_records(body, config)
+        except ApiError:
+            metrics.rejected.inc()
+            raise
+        received = time.time()
+        for rec in records:
+            known = event_log.recent.get(rec["request_id"])
+            rec["replica"], rec["received_ts"] = replica, received
+            rec["arm"], rec["model_version"] = known if known is not None else (None, None)
+        t0 = time.perf_counter()
+        try:
+            written = await asyncio.wrap_future(event_log.submit(records, dedup=True))
+        except EventLogFull as e:
+            raise ApiError(503, str(e)) from None
+        except EventLogError as e:
+            raise ApiError(503, f"{e}; no event of this request was acknowledged: retry it") from None
+        metrics.commit.observe(time.perf_counter() - t0)
+        n_new = 0
+        for rec, ok in zip(records, written):
+            if ok:
+                n_new += 1
+                metrics.events.labels(rec["kind"], label(rec["arm"]),
+                                      label(rec["model_version"])).inc()
+        metrics.duplicates.inc(len(records) - n_new)
+        return _json({"accepted": n_new, "duplicates": len(records) - n_new})
+
+    @app.get("/v1/ab", responses=errors)
+    async def ab_status():
+        """The arms, the model version each serves, the split and the salt (the arm of a
+        key is the first i with u < cumsum(split)[i] / sum(split), u = the first 8 bytes of
+        sha256(salt + ":" + key) / 2**64; key = the user id, else the session id)."""
+        versions = {name: (m.version if m is not None else None) for name, m in _arm_models()}
+        if not ab.is_default:
+            versions = {a.name: a.version for a in ab.arms}
+        return {"arms": ab.names, "versions": versions, "split": split_map, "salt": ab.salt}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        body, ctype = metrics.render()
+        return Response(body, 200, headers={"content-type": ctype})
+
+    app.add_middleware(RequestGuardMiddleware, limit=config.max_body_bytes,
+                       path_limits={"/events": config.max_events_body_bytes})
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes_of=lambda: app.router.routes)
     return app
+
+
+def events_schema(config: ServeConfig) -> dict:
+    """The OpenAPI schema of a ``POST /events`` body (the handler checks the same rules)."""
+    id_ = {"type": "string", "minLength": 1, "maxLength": config.max_id_chars}
+    id_or_null = {"anyOf": [id_, {"type": "null"}]}
+    event = {
+        "type": "object", "additionalProperties": False,
+        "required": ["event_id", "kind", "request_id"],
+        "properties": {
+            "event_id": {**id_, "description": "Client-chosen, unique; a repeat is a duplicate."},
+            "kind": {"type": "string", "enum": list(EVENT_KINDS)},
+            "request_id": {**id_, "description": "The request_id of a /recommend result."},
+            "ts": {"type": ["number", "null"], "minimum": 0, "description": "Client clock, unix s."},
+            "user": id_or_null, "session": id_or_null,
+            "items": {"type": "array", "minItems": 1, "maxItems": config.max_k, "items": id_,
+                      "description": "impression only: the items shown, position = index + 1."},
+            "item": {**id_, "description": "click, cart, purchase: the item."},
+            "position": {"type": ["integer", "null"], "minimum": 1},
+            "value": {"type": ["number", "null"], "minimum": 0,
+                      "description": "Order value; required for a purchase."},
+            "quantity": {"type": ["integer", "null"], "minimum": 1},
+        },
+    }
+    return {"type": "object", "required": ["events"], "additionalProperties": False,
+            "properties": {"events": {"type": "array", "maxItems": config.max_events,
+                                      "items": event}},
+            "example": {"events": [
+                {"event_id": "e1", "kind": "impression", "request_id": "9f0c...",
+                 "user": "42", "items": ["260", "1210"], "ts": 1767225600.0},
+                {"event_id": "e2", "kind": "purchase", "request_id": "9f0c...", "user": "42",
+                 "item": "260", "position": 1, "value": 19.9, "quantity": 1}]}}
+
+
+EVENT_FIELDS = ("event_id", "kind", "request_id", "ts", "user", "session", "items", "item",
+                "position", "value", "quantity")
+
+
+def _show(v: Any) -> str:
+    try:
+        return json.dumps(v, allow_nan=False)[:80]
+    except ValueError:
+        return str(v)[:80]
+
+
+def _event_records(body: dict, config: ServeConfig) -> list[dict]:
+    """The records to write for a ``POST /events`` body, or a 422 :class:`ApiError` naming
+    the first bad event, field and value (``events[3].value=-2: must be >= 0``)."""
+    unknown = [str(k)[:50] for k in body if k != "events"]
+    if unknown:
+        raise ApiError(422, f"{unknown[0]}: unknown field; the body is {{\"events\": [...]}}")
+    if "events" not in body:
+        raise ApiError(422, "events: field required; the body is {\"events\": [...]}")
+    evs = body["events"]
+    if not isinstance(evs, list):
+        raise ApiError(422, f"events={_show(evs)}: must be a list of events")
+    if len(evs) > config.max_events:
+        raise ApiError(422, f"events: {len(evs)} events in one request; at most "
+                            f"{config.max_events} (send several requests)")
+    return [_event_record(i, ev, config) for i, ev in enumerate(evs)]
+
+
+def _event_record(i: int, ev: Any, config: ServeConfig) -> dict:
+    where = f"events[{i}]"
+    if not isinstance(ev, dict):
+        raise ApiError(422, f"{where}={_show(ev)}: must be an object (an event)")
+    for k in ev:
+        if k not in EVENT_FIELDS:
+            raise ApiError(422, f"{where}.{str(k)[:50]}: unknown field; an event has "
+                                f"{list(EVENT_FIELDS)}")
+
+    def bad(field: str, msg: str):
+        value = ev.get(field)
+        raise ApiError(422, f"{where}.{field}={_show(value)}: {msg}")
+
+    def required(field: str, what: str):
+        if ev.get(field) is None:
+            raise ApiError(422, f"{where}.{field}: field required ({what})")
+        return ev[field]
+
+    def id_(field: str, v: Any, *, strict_str: bool = False) -> str:
+        ok = isinstance(v, str) or (not strict_str and isinstance(v, int) and not isinstance(v, bool))
+        if not ok or v == "" or len(str(v)) > config.max_id_chars:
+            kind = "a non-empty string" if strict_str else "an id: a non-empty string or an integer"
+            bad(field, f"must be {kind} of at most {config.max_id_chars} characters")
+        return str(v)
+
+    def number(field: str, lo: float, *, integer: bool):
+        v = ev.get(field)
+        if v is None:
+            return None
+        ok = not isinstance(v, bool) and (isinstance(v, int) if integer else
+                                          isinstance(v, (int, float)) and v == v
+                                          and v not in (float("inf"), float("-inf")))
+        if not ok:
+            bad(field, "must be an integer" if integer else "must be a finite number")
+        if v < lo:
+            bad(field, f"must be >= {lo:g}")
+        return v
+
+    event_id = id_("event_id", required("event_id", "a unique id chosen by the client"),
+                   strict_str=True)
+    kind = required("kind", f"one of {list(EVENT_KINDS)}")
+    if kind not in EVENT_KINDS:
+        bad("kind", f"must be one of {list(EVENT_KINDS)}")
+    request_id = id_("request_id", required("request_id", "the request_id of the /recommend "
+                                            "result the event is about"), strict_str=True)
+    rec: dict[str, Any] = {"kind": kind, "event_id": event_id, "request_id": request_id,
+                           "ts": number("ts", 0, integer=False)}
+    for field in ("user", "session"):
+        rec[field] = None if ev.get(field) is None else id_(field, ev[field])
+    if kind == "impression":
+        if ev.get("item") is not None:
+            bad("item", "an impression lists the items shown in 'items'; 'item' is for "
+                        "click, cart and purchase events")
+        items = required("items", "the items shown, in order: position = index + 1")
+        if not isinstance(items, list) or not 1 <= len(items) <= config.max_k:
+            bad("items", f"must be a list of 1 to {config.max_k} item ids")
+        for j, x in enumerate(items):
+            ok = (isinstance(x, str) or isinstance(x, int) and not isinstance(x, bool))
+            if not ok or x == "" or len(str(x)) > config.max_id_chars:
+                raise ApiError(422, f"{where}.items[{j}]={_show(x)}: must be an id: a non-empty "
+                                    f"string or an integer of at most {config.max_id_chars} characters")
+        rec["items"] = [str(x) for x in items]
+    else:
+        if ev.get("items") is not None:
+            bad("items", f"only impression events list 'items'; a {kind} names one 'item'")
+        rec["item"] = id_("item", required("item", f"the item of the {kind}"))
+    position = number("position", 1, integer=True)
+    value = number("value", 0, integer=False)
+    quantity = number("quantity", 1, integer=True)
+    if kind == "purchase" and value is None:
+        raise ApiError(422, f"{where}.value: field required (the order value of a purchase, >= 0)")
+    for field, v in (("position", position), ("value", value), ("quantity", quantity)):
+        if v is not None:
+            rec[field] = v
+    return rec
 
 
 PREDICT_CTR_SCHEMA = {

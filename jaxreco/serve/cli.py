@@ -1,9 +1,13 @@
 """``jaxreco-serve``: the HTTP service for an exported model directory.
 
     jaxreco-serve --model-dir models/ml1m --model-name ml1m [--rules rules.json]
+    jaxreco-serve --model-dir models/ml1m --arm control=3 --arm treatment=4 --split 50,50 \
+        --salt exp-2026-12 --events-dir /var/lib/jaxreco/events --replica-id r0
 
 Every flag has an environment variable (``JAXRECO_SERVE_<FLAG>``, e.g.
-``JAXRECO_SERVE_PORT``); a flag wins over its variable. Listens on 127.0.0.1 unless told
+``JAXRECO_SERVE_PORT``; ``JAXRECO_SERVE_ARMS="control=3,treatment=4"``), except
+``--events-dir`` (``JAXRECO_EVENTS_DIR``) and ``--replica-id`` (``JAXRECO_REPLICA_ID``,
+default: the host name); a flag wins over its variable. Listens on 127.0.0.1 unless told
 otherwise (the container image sets ``JAXRECO_SERVE_HOST=0.0.0.0``).
 
 This entry point imports TensorFlow, never JAX: the serving image has no JAX. It lives in
@@ -16,7 +20,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+
+from jaxreco.serve import ab as ab_lib
 
 
 def _env(name: str, default):
@@ -47,7 +54,45 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_env("ACCESS_LOG", "0") not in ("0", "", "false"),
                    help="log every request (off by default: it costs throughput)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    g = p.add_argument_group("A/B test")
+    env_arms = _env("ARMS", "")
+    g.add_argument("--arm", action="append", dest="arms", metavar="NAME=VERSION",
+                   default=None, help="an arm serving a pinned model version; repeat per arm "
+                   "(env JAXRECO_SERVE_ARMS=\"control=3,treatment=4\"). Without arms: one arm, "
+                   "'default', serving the newest version with hot reload")
+    p.set_defaults(env_arms=[a.strip() for a in env_arms.split(",") if a.strip()])
+    g.add_argument("--split", default=_env("SPLIT", None),
+                   help="traffic weights, one per arm, e.g. 50,50 (default: equal)")
+    g.add_argument("--salt", default=_env("SALT", ""),
+                   help="mixed into the assignment hash; a new salt reshuffles shoppers over "
+                        "the arms (one per experiment)")
+    g = p.add_argument_group("events")
+    g.add_argument("--events-dir", default=os.environ.get("JAXRECO_EVENTS_DIR") or None,
+                   help="directory of the event log (served records and POST /events), shared "
+                        "by the replicas (env JAXRECO_EVENTS_DIR); without it no events are "
+                        "collected")
+    g.add_argument("--replica-id", default=os.environ.get("JAXRECO_REPLICA_ID") or None,
+                   help="names this server's segments (env JAXRECO_REPLICA_ID; default: the "
+                        "host name); unique per live server")
+    g.add_argument("--segment-bytes", type=int, default=int(_env("SEGMENT_BYTES", 64 * 2**20)),
+                   help="close a segment once it is this large (default 64 MiB)")
+    g.add_argument("--segment-seconds", type=float, default=float(_env("SEGMENT_SECONDS", 300)),
+                   help="close a segment this old (default 300)")
+    g.add_argument("--dedup-ids", type=int, default=int(_env("DEDUP_IDS", 1_000_000)),
+                   help="event ids remembered to drop duplicates (default 1000000, ~150 MB)")
+    g.add_argument("--dedup-seconds", type=float, default=float(_env("DEDUP_SECONDS", 86400)),
+                   help="and only those of the last this many seconds (default 86400)")
+    g.add_argument("--max-events", type=int, default=int(_env("MAX_EVENTS", 1000)),
+                   help="most events in one POST /events (default 1000)")
+    g.add_argument("--max-events-body-bytes", type=int,
+                   default=int(_env("MAX_EVENTS_BODY_BYTES", 2 * 2**20)),
+                   help="larger POST /events bodies get 413 (default 2 MiB)")
     return p
+
+
+def ab_config(args) -> ab_lib.ABConfig:
+    """The arms the parsed flags ask for (``--arm`` wins over ``JAXRECO_SERVE_ARMS``)."""
+    return ab_lib.build(args.arms if args.arms else args.env_arms, args.split, args.salt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,10 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         print("jaxreco-serve: --model-dir (or JAXRECO_SERVE_MODEL_DIR) is required", file=sys.stderr)
         return 2
     for flag, v in (("--max-batch", args.max_batch), ("--max-body-bytes", args.max_body_bytes),
-                    ("--limit-concurrency", args.limit_concurrency)):
-        if v < 1:
+                    ("--limit-concurrency", args.limit_concurrency),
+                    ("--segment-bytes", args.segment_bytes),
+                    ("--segment-seconds", args.segment_seconds), ("--dedup-ids", args.dedup_ids),
+                    ("--dedup-seconds", args.dedup_seconds), ("--max-events", args.max_events),
+                    ("--max-events-body-bytes", args.max_events_body_bytes)):
+        if not v > 0:
             print(f"jaxreco-serve: {flag} must be positive; got {v}", file=sys.stderr)
             return 2
+    try:
+        ab = ab_config(args)
+    except ab_lib.ABError as e:
+        print(f"jaxreco-serve: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -67,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from jaxreco.serve.app import ServeConfig, create_app
+    from jaxreco.serve.events import EventLog, EventLogError
     from jaxreco.serve.model import ModelManager
     from jaxreco.serve.rules import BusinessRules, RulesError
 
@@ -76,9 +131,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxreco-serve: {e}", file=sys.stderr)
         return 2
     manager = ModelManager(args.model_dir, rules=rules, max_batch=args.max_batch,
-                           poll_interval_s=args.poll_interval)
+                           poll_interval_s=args.poll_interval, pinned=ab.pinned_versions)
+    missing = manager.missing_pinned()
+    if missing:
+        arms = [f"{a.name}={a.version}" for a in ab.arms if a.version in missing]
+        print(f"jaxreco-serve: arm(s) {arms} pin version(s) {missing}, which are not under "
+              f"{args.model_dir} (versions there: {manager.versions_on_disk()}); export them "
+              "first or fix --arm", file=sys.stderr)
+        return 2
+    event_log = None
+    if args.events_dir:
+        try:
+            event_log = EventLog(
+                args.events_dir, args.replica_id or socket.gethostname(),
+                segment_bytes=args.segment_bytes, segment_seconds=args.segment_seconds,
+                dedup_ids=args.dedup_ids, dedup_seconds=args.dedup_seconds)
+            event_log.start()
+        except EventLogError as e:
+            print(f"jaxreco-serve: {e}", file=sys.stderr)
+            return 2
     app = create_app(manager, ServeConfig(model_name=args.model_name, max_batch=args.max_batch,
-                                          max_body_bytes=args.max_body_bytes))
+                                          max_body_bytes=args.max_body_bytes,
+                                          max_events=args.max_events,
+                                          max_events_body_bytes=args.max_events_body_bytes),
+                     ab=ab, event_log=event_log)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                 access_log=args.access_log, limit_concurrency=args.limit_concurrency,
                 timeout_keep_alive=30)

@@ -227,15 +227,21 @@ class ModelManager:
 
     ``current`` is replaced by one assignment after the new version is loaded and warmed;
     a request reads it once and uses that object to the end, so a swap never interrupts it.
+
+    With ``pinned`` versions (an A/B test's arms) it loads exactly those, once each, into
+    ``loaded`` and never swaps; ``current`` is then the first pinned version.
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, rules: BusinessRules | None = None,
-                 max_batch: int = 64, poll_interval_s: float = 5.0):
+                 max_batch: int = 64, poll_interval_s: float = 5.0,
+                 pinned: list[int] | tuple[int, ...] = ()):
         self.model_dir = Path(model_dir)
         self.rules = rules
         self.max_batch = max_batch
         self.poll_interval_s = poll_interval_s
+        self.pinned = tuple(pinned)
         self.current: ServedModel | None = None
+        self.loaded: dict[int, ServedModel] = {}  # pinned versions that are loaded
         self.statuses: dict[int, VersionStatus] = {}
         self._failed: dict[int, float] = {}  # version -> mtime when it failed
         self._stop = threading.Event()
@@ -250,8 +256,27 @@ class ModelManager:
         return sorted(int(n) for n in names
                       if layout.is_version_dir_name(n) and (self.model_dir / n / "saved_model.pb").exists())
 
+    def missing_pinned(self) -> list[int]:
+        """Pinned versions with no ``<model_dir>/<version>/saved_model.pb``."""
+        on_disk = set(self.versions_on_disk())
+        return [v for v in self.pinned if v not in on_disk]
+
+    def pinned_problem(self) -> str | None:
+        """Why not every pinned version serves yet (None once all are loaded)."""
+        waiting = [v for v in self.pinned if v not in self.loaded]
+        if not waiting:
+            return None
+        failed = [f"version {v}: {self.statuses[v].error}" for v in waiting
+                  if v in self.statuses and self.statuses[v].error]
+        if failed:
+            return "; ".join(failed)
+        return f"version(s) {waiting} not loaded yet from {self.model_dir}"
+
     def poll_once(self) -> bool:
-        """Loads the highest version if it is not the one served; True if it swapped."""
+        """Loads the highest version if it is not the one served; True if it swapped.
+        (Pinned: loads the pinned versions not loaded yet; True if one was loaded.)"""
+        if self.pinned:
+            return self._load_pinned()
         with self._lock:
             versions = self.versions_on_disk()
             if not versions:
@@ -281,6 +306,39 @@ class ModelManager:
             log.info("serving model version %d from %s (loaded in %.1f s)", want, path,
                      time.perf_counter() - t0)
             return True
+
+    def _load_pinned(self) -> bool:
+        with self._lock:
+            changed = False
+            for v in self.pinned:
+                if v in self.loaded:
+                    continue
+                path = self.model_dir / str(v)
+                if not (path / "saved_model.pb").exists():
+                    self.statuses[v] = VersionStatus(v, "END", f"version {v} is not under "
+                                                     f"{self.model_dir} (no {path}/saved_model.pb)")
+                    continue
+                mtime = path.stat().st_mtime
+                if self._failed.get(v) == mtime:
+                    continue
+                self.statuses[v] = VersionStatus(v, "LOADING")
+                t0 = time.perf_counter()
+                try:
+                    model = ServedModel(path, self.rules, self.max_batch)
+                    model.warm_up()
+                except Exception as e:
+                    log.error("loading pinned model version %s from %s failed: %s", v, path, e)
+                    self._failed[v] = mtime
+                    self.statuses[v] = VersionStatus(v, "END", f"load failed: {e}"[:2000])
+                    continue
+                self.loaded[v] = model
+                self.statuses[v] = VersionStatus(v, "AVAILABLE")
+                changed = True
+                log.info("loaded pinned model version %d from %s in %.1f s", v, path,
+                         time.perf_counter() - t0)
+            if self.current is None and self.pinned[0] in self.loaded:
+                self.current = self.loaded[self.pinned[0]]
+            return changed
 
     def start(self) -> None:
         """Polls in a daemon thread (the first load happens there too)."""
