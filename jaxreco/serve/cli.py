@@ -24,6 +24,7 @@ import socket
 import sys
 
 from jaxreco.serve import ab as ab_lib
+from jaxreco.serve import layout
 
 
 def _env(name: str, default):
@@ -95,6 +96,20 @@ def ab_config(args) -> ab_lib.ABConfig:
     return ab_lib.build(args.arms if args.arms else args.env_arms, args.split, args.salt)
 
 
+def _versions(model_dir: str) -> list[int]:
+    try:
+        names = os.listdir(model_dir)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if layout.is_version_dir_name(n)
+                  and os.path.exists(os.path.join(model_dir, n, "saved_model.pb")))
+
+
+def _missing_versions(model_dir: str, versions: list[int]) -> list[int]:
+    there = set(_versions(model_dir))
+    return [v for v in versions if v not in there]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.model_dir:
@@ -114,15 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     except ab_lib.ABError as e:
         print(f"jaxreco-serve: {e}", file=sys.stderr)
         return 2
+    missing = _missing_versions(args.model_dir, ab.pinned_versions)
+    if missing:  # before TensorFlow is imported: a wrong --arm fails in a second
+        arms = [f"{a.name}={a.version}" for a in ab.arms if a.version in missing]
+        print(f"jaxreco-serve: arm(s) {arms} pin version(s) {missing}, which are not under "
+              f"{args.model_dir} (versions there: {_versions(args.model_dir)}); export them "
+              "first or fix --arm", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    import uvicorn
-
-    from jaxreco.serve.app import ServeConfig, create_app
     from jaxreco.serve.events import EventLog, EventLogError
-    from jaxreco.serve.model import ModelManager
     from jaxreco.serve.rules import BusinessRules, RulesError
 
     try:
@@ -130,17 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     except RulesError as e:
         print(f"jaxreco-serve: {e}", file=sys.stderr)
         return 2
-    manager = ModelManager(args.model_dir, rules=rules, max_batch=args.max_batch,
-                           poll_interval_s=args.poll_interval, pinned=ab.pinned_versions)
-    missing = manager.missing_pinned()
-    if missing:
-        arms = [f"{a.name}={a.version}" for a in ab.arms if a.version in missing]
-        print(f"jaxreco-serve: arm(s) {arms} pin version(s) {missing}, which are not under "
-              f"{args.model_dir} (versions there: {manager.versions_on_disk()}); export them "
-              "first or fix --arm", file=sys.stderr)
-        return 2
     event_log = None
-    if args.events_dir:
+    if args.events_dir:  # recovers this replica's segments; fails before TensorFlow loads
         try:
             event_log = EventLog(
                 args.events_dir, args.replica_id or socket.gethostname(),
@@ -150,6 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         except EventLogError as e:
             print(f"jaxreco-serve: {e}", file=sys.stderr)
             return 2
+
+    import uvicorn
+
+    from jaxreco.serve.app import ServeConfig, create_app
+    from jaxreco.serve.model import ModelManager
+
+    manager = ModelManager(args.model_dir, rules=rules, max_batch=args.max_batch,
+                           poll_interval_s=args.poll_interval, pinned=ab.pinned_versions)
     app = create_app(manager, ServeConfig(model_name=args.model_name, max_batch=args.max_batch,
                                           max_body_bytes=args.max_body_bytes,
                                           max_events=args.max_events,

@@ -256,11 +256,6 @@ class ModelManager:
         return sorted(int(n) for n in names
                       if layout.is_version_dir_name(n) and (self.model_dir / n / "saved_model.pb").exists())
 
-    def missing_pinned(self) -> list[int]:
-        """Pinned versions with no ``<model_dir>/<version>/saved_model.pb``."""
-        on_disk = set(self.versions_on_disk())
-        return [v for v in self.pinned if v not in on_disk]
-
     def pinned_problem(self) -> str | None:
         """Why not every pinned version serves yet (None once all are loaded)."""
         waiting = [v for v in self.pinned if v not in self.loaded]
