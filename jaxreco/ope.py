@@ -104,7 +104,7 @@ def _vector(name: str, x, n: int, kind: str) -> np.ndarray:
     a = a.astype(np.float64)
     if not np.isfinite(a).all():
         t = _first_bad(~np.isfinite(a))
-        raise ValueError(f"{name}: round {t} is {a[t]}; every value must be finite")
+        raise ValueError(f"{name}: round {t} is {float(a[t])}; every value must be finite")
     return a
 
 
@@ -132,7 +132,7 @@ def check_inputs(estimator: str, *, action_dist, reward=None, action=None, pscor
     bad = np.abs(sums - 1.0) > SUM_TOLERANCE
     if bad.any():
         t, k = np.argwhere(bad)[0]
-        raise ValueError(f"action_dist: round {t}, position {k} sums to {sums[t, k]!r} over "
+        raise ValueError(f"action_dist: round {t}, position {k} sums to {float(sums[t, k]):.9g} over "
                          f"the {num_actions} actions; each must sum to 1")
     if position is None:
         if len_list > 1:
@@ -158,7 +158,7 @@ def check_inputs(estimator: str, *, action_dist, reward=None, action=None, pscor
         p = _vector("pscore", pscore, n, "float")
         if (p <= 0).any() or (p > 1).any():
             t = _first_bad((p <= 0) | (p > 1))
-            raise ValueError(f"pscore: round {t} is {p[t]!r}; propensities must lie in (0, 1] "
+            raise ValueError(f"pscore: round {t} is {float(p[t])!r}; propensities must lie in (0, 1] "
                              "(a logged action the logging policy could not take cannot be "
                              "reweighted)")
         out["pscore"] = p
