@@ -2,6 +2,7 @@
 
     python scripts/bench_serve.py                      # exports a random ML-1M-sized model
     python scripts/bench_serve.py --model-dir models/ml1m --model-name ml1m
+    python scripts/bench_serve.py --with-events           # served records logged (fsync)
 
 Prints::
 
@@ -214,6 +215,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-rate", type=float, default=5000.0)
     p.add_argument("--budget", type=float, default=150.0, help="seconds for the whole load run")
     p.add_argument("--num-users", type=int, default=6040)
+    p.add_argument("--with-events", action="store_true",
+                   help="run the server with an event log (--events-dir in the temp dir): every "
+                        "answer is also written and fsynced as a served record")
     p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--export-to", help=argparse.SUPPRESS)
@@ -242,10 +246,12 @@ def main(argv=None) -> int:
                   f"{time.perf_counter() - t:.0f} s")
         port = _free_port()
         server_log = open(Path(tmp) / "server.log", "w")
+        events = ["--events-dir", str(Path(tmp) / "events"), "--replica-id", "bench"] \
+            if args.with_events else []
         server = subprocess.Popen(
             [sys.executable, "-m", "jaxreco.serve", "--model-dir", str(model_dir), "--host", HOST,
-             "--port", str(port), "--model-name", args.model_name, "--log-level", "warning"],
-            env=env, cwd=str(REPO), stdout=server_log, stderr=subprocess.STDOUT)
+             "--port", str(port), "--model-name", args.model_name, "--log-level", "warning",
+             *events], env=env, cwd=str(REPO), stdout=server_log, stderr=subprocess.STDOUT)
         try:
             ready = _wait_ready(port, server)
             print(f"server: pid {server.pid}, {HOST}:{port}, model version {ready['model_version']}; "
@@ -271,6 +277,10 @@ def main(argv=None) -> int:
                       "during the overload steps")
             if "Traceback" in log_text:
                 print("# server log has errors:\n" + log_text[-3000:])
+            if args.with_events:
+                segs = sorted((Path(tmp) / "events").glob("events-*"))
+                print(f"# event log: {len(segs)} segment(s), "
+                      f"{sum(f.stat().st_size for f in segs) / 2**20:.1f} MiB of served records")
     load = os.getloadavg()[0]
     if load > 1.5:  # the server and the load generator already fill both cores
         print(f"# WARNING: 1-minute load average {load:.1f} at the end: other processes shared "
