@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from jaxreco.cli import quiet_libraries, user_errors
+from jaxreco.cli import quiet_libraries
+from jaxreco.data.dataset import DataError
 from jaxreco.ope import evaluate_run
 from jaxreco.runtime import configure_xla
 
@@ -50,10 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     quiet_libraries()
     start = time.perf_counter()
-    with user_errors():
+    try:
         figures = evaluate_run(a.run_dir, policy_run=a.policy_run, temperatures=a.temperatures,
                                alpha=a.alpha, n_bootstrap=a.n_bootstrap, seed=a.seed,
                                bts_n_sim=a.bts_n_sim)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"jaxreco-ope: {e}", file=sys.stderr)
+        return 2
     figures["ope/seconds"] = time.perf_counter() - start
     for k, v in figures.items():
         print(_line(k, v))
