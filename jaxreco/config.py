@@ -679,3 +679,10 @@ def validate(cfg: Any) -> None:
     free = [k for k, v in axes.items() if v == -1]
     if len(free) > 1:
         raise ValueError(f"mesh.axes={axes}: at most one axis may be -1, got {free}")
+    steps = _get(cfg, "trainer.profile_steps")
+    if steps not in (_ABSENT, None):
+        steps = list(steps)
+        if (len(steps) != 2 or not all(isinstance(x, int) for x in steps)
+                or not 0 <= steps[0] < steps[1]):
+            raise ValueError(f"trainer.profile_steps={steps}: must be [first, last) with "
+                             "0 <= first < last (train step numbers)")

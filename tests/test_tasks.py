@@ -74,6 +74,27 @@ def test_rating_run_on_from_files_evaluates_exactly_the_test_files_rows(tmp_path
         m["test/rmse"], abs=1e-6)
 
 
+def test_test_users_never_seen_in_training_are_counted_and_all_unseen_fails(tmp_path,
+                                                                            cache_env):
+    rows = [(u, i, 1 + (u + i) % 5, 880000000 + 10 * u + i) for u in range(1, 31)
+            for i in range(1, 21)]
+    train_rows = [r for r in rows if r[0] <= 20]
+    files = {"train": write_rows(tmp_path / "train.csv", "user,item,rating,ts", train_rows),
+             "val": write_rows(tmp_path / "val.csv", "user,item,rating,ts", rows[:5]),
+             # 2 rows of a known user, 3 of users 21 and 22 that training never saw
+             "test": write_rows(tmp_path / "test.csv", "user,item,rating,ts",
+                                [rows[7], rows[8], (21, 1, 3, 1), (21, 2, 4, 2), (22, 3, 5, 3)])}
+    m = train(tmp_path / "run", ["experiment=ml100k_mf", *_from_files(files), "model.dim=4",
+                                 "trainer.epochs=1", "trainer.batch_size=64", *QUIET])
+    assert (m["test/cold_users"], m["test/cold_user_rows"], m["val/cold_users"]) == (2, 3, 0)
+    files["test"] = write_rows(tmp_path / "test.csv", "user,item,rating,ts",
+                               [(25, 1, 3, 1), (26, 2, 4, 2)])
+    with pytest.raises(ValueError, match="none of the 2 users of the test split has a train row"):
+        train(tmp_path / "run2", ["experiment=ml100k_mf", *_from_files(files), "model.dim=4",
+                                  "trainer.epochs=1", "trainer.batch_size=64", *QUIET])
+    assert not (tmp_path / "run2" / "metrics.json").exists()
+
+
 def test_a_scheduled_run_restores_and_rescores_to_its_metrics(tmp_path, ml_dir, cache_env):
     m = train(tmp_path / "run", ["experiment=ml100k_mf", f"dataset.path={ml_dir}",
                                  "optimizer.schedule=cosine", "model.dim=4",
@@ -119,7 +140,8 @@ def test_rating_task_batches_ratings_and_scores_rmse(ml_dir, cache_env):
     assert len(task.split["test"]["user"]) == round(0.1 * n)
     assert set(task.train_cols) == {"user", "item", "rating"}
     res = task.final(ms.state)
-    assert set(res) == {"val/rmse", "val/mae", "test/rmse", "test/mae"}
+    assert {k for k in res if "cold" not in k} == {"val/rmse", "val/mae", "test/rmse",
+                                                   "test/mae"}
     assert all(np.isfinite(v) for v in res.values())
 
 

@@ -69,12 +69,41 @@ def test_rerun_is_deterministic_and_resume_continues(tmp_path, ml_dir):
     (["dataset.path=/nonexistent/dir"], "dataset.path='/nonexistent/dir': no such directory"),
     (["trainer.profile_steps=[5,2]"], "trainer.profile_steps=[5, 2]: must be [first, last)"),
     (["model.init_std=???"], "missing mandatory config values (???): model.init_std"),
+    (["+modle.dim=8"], "+modle.dim=8: 'modle.dim' is not a config key (did you mean model.dim?)"),
+    (["model.dimm=3"], "Could not override 'model.dimm': Key 'dimm' not in 'MFConfig'"),
+    (["trainer.batch_size=-1"], "trainer.batch_size=-1: must be an integer >= 1"),
+    (["trainer.epochs=0"], "trainer.epochs=0: must be an integer >= 1"),
+    (["model.dim=0"], "model.dim=0: must be an integer >= 1"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, ml_dir, override, message):
     out = tmp_path / "bad"
     p = run_cli(["jaxreco.cli.train", f"hydra.run.dir={out}", *override], cwd=tmp_path,
                 env_extra={"JAXRECO_CACHE": str(tmp_path / "cache")})
-    assert p.returncode != 0
+    assert p.returncode == 2, p.stderr[-2000:]
     assert message in p.stderr
     assert "Traceback" not in p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert lines == [f"error: {message}"] or len(lines) == 1, p.stderr
     assert not (out / "metrics.json").exists()
+
+
+def test_a_run_dir_that_is_a_file_is_one_clear_line(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    p = run_cli(["jaxreco.cli.train", f"hydra.run.dir={f}"], cwd=tmp_path,
+                env_extra={"JAXRECO_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"error: hydra.run.dir={f}: {f} exists and is not a directory"
+    assert f.read_text() == "x"
+
+
+def test_jaxreco_eval_rescores_a_rating_run(tmp_path, ml_dir):
+    p, run = _train(tmp_path, ml_dir, run="r")
+    assert p.returncode == 0, p.stderr[-2000:]
+    e = run_cli(["jaxreco.cli.eval", str(run)], cwd=tmp_path,
+                env_extra={"JAXRECO_CACHE": str(tmp_path / "cache")})
+    assert e.returncode == 0, e.stderr[-2000:]
+    m = json.loads((run / "metrics.json").read_text())
+    out = json.loads((run / "eval.json").read_text())
+    assert out["step"] == m["train/best_step"]
+    assert out["test/rmse"] == pytest.approx(m["test/rmse"], abs=1e-6)

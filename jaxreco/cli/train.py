@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from jaxreco import config, tracking
-from jaxreco.cli import CONF_DIR, quiet_libraries, user_errors
+from jaxreco.cli import CONF_DIR, precheck, quiet_libraries, user_errors
 from jaxreco.distributed import detect, initialize_from_env
 from jaxreco.runtime import configure_xla
 from jaxreco.train.loop import train_and_evaluate
@@ -74,6 +74,7 @@ def _app(cfg: DictConfig) -> float:
 
 def main() -> None:
     configure_xla()      # before any JAX backend starts; sweep jobs inherit the variable
+    precheck("train", sys.argv[1:])
     _app()
     failed = [r for r in _runs if r["error"]]
     if failed:

@@ -145,6 +145,10 @@ class Task:
         p = d["label"] > 0 if self.has_label else slice(None)
         return np.asarray(d["user"])[p], np.asarray(d["item"])[p]
 
+    def eval_rows(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(user, item)`` of the rows a split is evaluated on (its positives)."""
+        return self.positives(split)
+
     def log_summary(self) -> None:
         log.info("data %s (%s): %d users, %d items; train %d / val %d / test %d",
                  self.data.name, self.path, self.num_users, self.num_items,
@@ -179,13 +183,44 @@ class Task:
     def evaluate(self, state, split: str, full: bool = False) -> dict[str, float]:
         raise NotImplementedError
 
+    def cold(self, split: str) -> dict[str, int]:
+        """Users and items of ``split`` that training never saw: ``cold_users`` (distinct
+        users without a train row), ``cold_user_rows`` (their rows), ``cold_item_rows`` (rows
+        whose item has no train row). A model scores them as a cold-start model would (at
+        their initial, near-zero embeddings: biases only); the counts say how many there
+        are."""
+        tu = np.zeros(self.num_users, bool)
+        ti = np.zeros(self.num_items, bool)
+        tu[self.train_cols["user"]] = True
+        ti[self.train_cols["item"]] = True
+        u, i = self.eval_rows(split)
+        return {"cold_users": int(len(np.unique(u[~tu[u]]))),
+                "cold_user_rows": int((~tu[u]).sum()), "cold_item_rows": int((~ti[i]).sum())}
+
+    def check_evaluable(self, split: str) -> dict[str, int]:
+        """:meth:`cold` counts, logged; a ValueError when every row of ``split`` belongs to a
+        user training never saw (nothing the model learnt would be measured)."""
+        c = self.cold(split)
+        n = len(self.eval_rows(split)[0])
+        if n and c["cold_user_rows"] == n:
+            raise ValueError(f"{self.path}: none of the {c['cold_users']} users of the {split} "
+                             "split has a train row, so there is nothing to evaluate; check "
+                             "that the split files use the same user ids")
+        if c["cold_user_rows"] or c["cold_item_rows"]:
+            log.warning("%s: %d of %d rows have a user (%d distinct) and %d an item that "
+                        "training never saw", split, c["cold_user_rows"], n, c["cold_users"],
+                        c["cold_item_rows"])
+        return c
+
     def final(self, state) -> dict[str, float]:
-        """``val/*`` and ``test/*`` figures of ``state`` (``perf/*`` for timings)."""
+        """``val/*`` and ``test/*`` figures of ``state`` (``perf/*`` for timings), with the
+        counts of rows that training never saw (:meth:`cold`)."""
         results = {}
         full = bool(self.tc.full_ranking)
         for s in ("val", "test"):
             if s == "val" and not self.has_val:
                 continue
+            results.update({f"{s}/{k}": v for k, v in self.cold(s).items()})
             for k, v in self.evaluate(state, s, full=full).items():
                 if k.endswith("seconds"):
                     results[f"perf/{s}_{k.replace('/', '_')}"] = v

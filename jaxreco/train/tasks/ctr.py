@@ -69,8 +69,15 @@ class CtrTask(Task):
         batch.pop("label", None)
         return batch
 
+    def eval_rows(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Every impression is scored, clicked or not."""
+        return np.asarray(self.split[split]["user"]), np.asarray(self.split[split]["item"])
+
     def setup(self, graphdef, tables, abstract_model, in_sharding, mesh):
         self.graphdef = graphdef
+        for s in ("val", "test"):
+            if len(self.split[s]["user"]):
+                self.check_evaluable(s)
 
     def evaluate(self, state, split: str, full: bool = False) -> dict[str, float]:
         d = dict(self.split[split])

@@ -120,13 +120,22 @@ class ImplicitTask(Task):
     def setup(self, graphdef, tables, abstract_model, in_sharding, mesh):
         self.rankers = {}
         seen = list(self.positives("train"))
+        warm = np.zeros(self.num_users, bool)
+        warm[self.train_cols["user"]] = True
         for s in ("val", "test"):
             if not len(self.split[s]["user"]):
                 continue
             held = self.positives(s)
+            # a user without a train positive has no learnt vector: ranked by nothing the
+            # model learnt, such rows are left out (counted in <split>/cold_*)
+            self.check_evaluable(s)
+            ranked = tuple(x[warm[held[0]]] for x in held)
+            cand = self.candidates.get(s)
+            if cand is not None:
+                cand = {k: v[warm[cand["user"]]] for k, v in cand.items()}
             self.rankers[s] = evaluate_lib.RankingEvaluator(
                 graphdef, abstract_model, num_users=self.num_users, num_items=self.num_items,
-                seen=tuple(seen), held_out=held, candidates=self.candidates.get(s),
+                seen=tuple(seen), held_out=ranked, candidates=cand,
                 item_side=self.item_side, ks=self.ks,
                 chunk_elements=int(self.tc.eval_chunk_elements))
             # testing excludes the val interactions too: they are known before the test item

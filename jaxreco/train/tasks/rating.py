@@ -54,6 +54,9 @@ class RatingTask(Task):
         return loss_fn
 
     def setup(self, graphdef, tables, abstract_model, in_sharding, mesh):
+        for s in ("val", "test"):
+            if len(self.split[s]["user"]):
+                self.check_evaluable(s)
         lo, hi = self.cfg.dataset.get("rating_range", None) or (None, None)
         self.eval_step = jax.jit(make_eval_step(graphdef, tables,
                                                 (lo, hi) if lo is not None else None))
