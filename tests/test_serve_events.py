@@ -190,6 +190,7 @@ BAD_EVENTS = [
     (_ok_event(position=0), "events[0].position=0: must be >= 1"),
     (_ok_event(position=1.5), "events[0].position=1.5: must be an integer"),
     (_ok_event(quantity=0), "events[0].quantity=0: must be >= 1"),
+    (_ok_event(position=2**40), f"events[0].position={2**40}: must be <= 2147483647"),
     (_ok_event(ts="yesterday"), 'events[0].ts="yesterday": must be a finite number'),
     (_ok_event(user=["u1"]), 'events[0].user=["u1"]: must be an id'),
     (_ok_event(colour="red"), "events[0].colour: unknown field"),
@@ -219,6 +220,9 @@ def test_bad_events_body(ab_server):
     assert client.post("/events", {"evts": []})[0] == 422
     assert client.post("/events", {"events": {}}) == (422, {"error": "events={}: must be a list of events"})
     assert client.post("/events", [1])[0] == 400
+    st, body = client.post("/events", {"events": [_ok_event(value=10**400)]})  # no float holds it
+    assert st == 422 and body["error"].startswith("events[0].value=1000")
+    assert body["error"].endswith(": must be a finite number")
     many = {"events": [_ok_event(event_id=f"m{i}") for i in range(1001)]}
     st, body = client.post("/events", many)
     assert st == 422 and "1001 events in one request; at most 1000" in body["error"]

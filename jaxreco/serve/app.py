@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 import uuid
 from typing import Annotated, Any, Union
@@ -580,7 +581,8 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
                 continue
             event_log.recent.put(res["request_id"], res["arm"], res["model_version"])
             records.append({"kind": "served", "request_id": res["request_id"], "ts": ts,
-                            "user": res["user"], "session": session, "arm": res["arm"],
+                            "user": res["user"] or None, "session": session or None,
+                            "arm": res["arm"],
                             "model_version": res["model_version"],
                             "items": [x["item"] for x in res["items"]], "replica": replica,
                             "split": split_map, "salt": ab.salt})
@@ -811,14 +813,23 @@ def _event_record(i: int, ev: Any, config: ServeConfig) -> dict:
         v = ev.get(field)
         if v is None:
             return None
-        ok = not isinstance(v, bool) and (isinstance(v, int) if integer else
-                                          isinstance(v, (int, float)) and v == v
-                                          and v not in (float("inf"), float("-inf")))
+        if integer:
+            if isinstance(v, bool) or not isinstance(v, int):
+                bad(field, "must be an integer")
+            if v < lo:
+                bad(field, f"must be >= {lo:g}")
+            if v > 2**31 - 1:
+                bad(field, f"must be <= {2**31 - 1}")
+            return v
+        try:
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+        except OverflowError:
+            ok = False
         if not ok:
-            bad(field, "must be an integer" if integer else "must be a finite number")
+            bad(field, "must be a finite number")
         if v < lo:
             bad(field, f"must be >= {lo:g}")
-        return v
+        return float(v)
 
     event_id = id_("event_id", required("event_id", "a unique id chosen by the client"),
                    strict_str=True)
