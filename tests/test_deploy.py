@@ -95,10 +95,10 @@ def _requirements() -> set[str]:
 
 def test_serving_image_requirements_have_no_jax_and_cover_the_server_imports():
     reqs = _requirements()
-    assert {"tensorflow-cpu", "fastapi", "uvicorn", "numpy"} <= reqs
+    assert {"tensorflow-cpu", "fastapi", "uvicorn", "numpy", "prometheus-client"} <= reqs
     assert not reqs & {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"}
     provided = {"tensorflow", "fastapi", "uvicorn", "numpy", "httptools", "uvloop",
-                "pydantic", "starlette"}  # the last two come with fastapi
+                "prometheus_client", "pydantic", "starlette"}  # the last two come with fastapi
     for path in sorted((REPO / "jaxreco/serve").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             mods = ([a.name for a in node.names] if isinstance(node, ast.Import)

@@ -37,7 +37,7 @@ def _overrides(name: str, tmp_path) -> list[str]:
     if name == "synthetic_ctr":
         return ["dataset.num_interactions=8000", "dataset.num_users=100",
                 "dataset.num_items=60", *EMBED]
-    if name == "zozotown_ctr":
+    if name in ("zozotown_ctr", "zozotown_ope"):
         _obd_wheel(tmp_path / "wheels", n=2000)
         return [f"dataset.cache_dir={tmp_path / 'wheels'}", "dataset.policies=[random]", *EMBED]
     raise AssertionError(f"no smoke-sized data for experiment {name}: add it here")
