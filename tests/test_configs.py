@@ -81,7 +81,7 @@ SCHEMA_OF_DATASET = {
     "movielens-100k": config.MovieLensConfig, "movielens-1m": config.MovieLensConfig,
     "from-files": config.FromFilesConfig, "instacart-sample": config.InstacartSampleConfig,
     "synthetic-ecommerce": config.SyntheticEcommerceConfig,
-    "zozotown-obd": config.ZozotownObdConfig,
+    "zozotown-obd": config.ZozotownObdConfig, "events": config.EventsConfig,
 }
 
 

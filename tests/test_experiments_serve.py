@@ -34,7 +34,7 @@ def _overrides(name: str, tmp_path) -> list[str]:
     if name.startswith("ml1m_ncf"):
         d = write_ratings_dat(tmp_path / "ml", num_users=40, num_items=120, n=1200)
         return [f"dataset.path={d}", "task.prepare.negatives.num=9", *EMBED]
-    if name == "synthetic_ctr":
+    if name in ("synthetic_ctr", "ab_simulated"):
         return ["dataset.num_interactions=8000", "dataset.num_users=100",
                 "dataset.num_items=60", *EMBED]
     if name in ("zozotown_ctr", "zozotown_ope"):
