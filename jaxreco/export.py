@@ -82,6 +82,9 @@ class ExportError(ValueError):
 
 # --------------------------------------------------------------------------- helpers
 def _import_tf():
+    # TensorFlow's C++ INFO lines (oneDNN, CPU features) on every export: warnings and errors
+    # still show; a level the user set is kept
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     try:
         import tensorflow as tf
     except ImportError as e:  # pragma: no cover - depends on the environment

@@ -5,9 +5,11 @@ hashes, library versions, devices). ``write_hparams`` records the run's hyperpar
 final metrics for TensorBoard's HParams dashboard; ``write_failure`` records why a run of a
 sweep failed (``error.json``, ``FAILED``, and a failed HParams session).
 
-HParams layout. Each run writes one HParams *session* into the sub-run ``<tb>/hparams``:
-a ``session_start_info`` (the flat config), the final metrics as scalars (the keys of
-``metrics.json``), and a ``session_end_info`` (success or failure). No per-run
+HParams layout. Each run writes one HParams *session* into its own TensorBoard run ``<tb>``
+(an event file of its own, ``events.out.tfevents.*.hparams``, beside the learning curves, so
+TensorBoard lists each run once): a ``session_start_info`` (the flat config), the final
+metrics as scalars (the keys of ``metrics.json``), and a ``session_end_info`` (success or
+failure). No per-run
 ``experiment`` summary is written on purpose: without one, TensorBoard builds the experiment
 from all sessions under its logdir, so pointing it at a sweep directory lists every run,
 marks the hyperparameters whose values differ across runs (the swept ones), and takes each
@@ -29,7 +31,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-HPARAMS_RUN = "hparams"                  # the HParams session's sub-run, under the run's tb/
+HPARAMS_SUFFIX = ".hparams"              # the HParams session's event file, in the run's tb/
 SESSION_START_TAG = "_hparams_/session_start_info"   # tensorboard.plugins.hparams.metadata
 SESSION_END_TAG = "_hparams_/session_end_info"
 # Config keys that are bookkeeping, not hyperparameters: left out of the HParams table.
@@ -192,7 +194,7 @@ def _hparams_event(tag: str, plugin_data, wall_time: float):
 
 def _write_session(logdir: Path, hparams: Mapping[str, Any], metrics: Mapping[str, float],
                    step: int, ok: bool, start_time: float | None = None) -> Path:
-    """One HParams session in ``logdir/hparams`` (replacing any earlier one there).
+    """One HParams session in ``logdir`` (replacing any earlier one there).
 
     Written with tensorboardX's protos and writer: TensorBoard's own event writer imports
     TensorFlow when it is installed (~6 s).
@@ -202,10 +204,9 @@ def _write_session(logdir: Path, hparams: Mapping[str, Any], metrics: Mapping[st
     from tensorboardX.proto.plugin_hparams_pb2 import (HParamsPluginData, SessionEndInfo,
                                                        SessionStartInfo)
 
-    session_dir = Path(logdir) / HPARAMS_RUN
-    if session_dir.is_dir():                      # a resumed or re-run run: one session only
-        for old in session_dir.glob("events.out.tfevents.*"):
-            old.unlink()
+    session_dir = Path(logdir)
+    for old in session_dir.glob(f"events.out.tfevents.*{HPARAMS_SUFFIX}"):
+        old.unlink()                              # a resumed or re-run run: one session only
     session_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
     start = SessionStartInfo(start_time_secs=start_time or now)
@@ -219,7 +220,7 @@ def _write_session(logdir: Path, hparams: Mapping[str, Any], metrics: Mapping[st
     status = api_pb2.Status.Value("STATUS_SUCCESS" if ok else "STATUS_FAILURE")
     end = SessionEndInfo(status=status, end_time_secs=now)
 
-    w = EventFileWriter(str(session_dir))
+    w = EventFileWriter(str(session_dir), filename_suffix=HPARAMS_SUFFIX)
     try:
         w.add_event(_hparams_event(SESSION_START_TAG, HParamsPluginData(session_start_info=start,
                                                                          version=0), now))
@@ -239,7 +240,7 @@ def final_metrics(results: Mapping[str, Any]) -> dict[str, float]:
 
 
 def write_hparams(logdir: Path, cfg: DictConfig, results: Mapping[str, float]) -> Path:
-    """Writes this run's HParams session (hyperparameters + final metrics) to ``logdir/hparams``.
+    """Writes this run's HParams session (hyperparameters + final metrics) to ``logdir``.
 
     ``results`` is the dict that also goes to ``metrics.json``; its numeric values become the
     session's metrics, logged at step ``results["train/steps"]``.

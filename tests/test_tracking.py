@@ -70,15 +70,16 @@ def test_write_hparams_one_session_typed_values_and_metrics(tmp_path):
     tb = tmp_path / "tb"
     tracking.write_hparams(tb, CFG, RESULTS)
     tracking.write_hparams(tb, CFG, {**RESULTS, "val/rmse": 0.89})   # a rerun replaces it
-    assert list(tb.glob("events.out.tfevents.*")) == []                # nothing stray in tb/
-    assert len(list((tb / "hparams").glob("events.out.tfevents.*"))) == 1
-    start, end = _session(tb / "hparams")
+    # one session file in the run's own directory (TensorBoard lists the run once)
+    assert [p.name.endswith(".hparams") for p in tb.glob("events.out.tfevents.*")] == [True]
+    assert not (tb / "hparams").exists()
+    start, end = _session(tb)
     hp = start.hparams
     assert hp["model.dim"].number_value == 16 and hp["model.name"].string_value == "mf"
     assert hp["flag"].WhichOneof("kind") == "bool_value" and hp["flag"].bool_value is False
     assert hp["dataset.path"].string_value == "null" and "logger.tensorboard" not in hp
     assert end.status == api_pb2.STATUS_SUCCESS
-    scalars = read_scalars(tb / "hparams")
+    scalars = read_scalars(tb)
     assert scalars["val/rmse"] == [(40, pytest.approx(0.89))]
     assert scalars["train/stopped_early"] == [(40, 1.0)]
     assert set(scalars) == set(RESULTS)
@@ -97,7 +98,7 @@ def test_write_failure_records_error_and_a_failed_session(tmp_path):
     assert saved["job"] == {"num": 2, "overrides": ["a=1"]} and "Traceback" in saved["traceback"]
     assert info["message"] == saved["message"]
     assert (tmp_path / "FAILED").read_text() == "ValueError: optimizer.name='nope' is unknown\n"
-    start, end = _session(tmp_path / "tb" / "hparams")
+    start, end = _session(tmp_path / "tb")
     assert start.hparams["model.dim"].number_value == 16
     assert end.status == api_pb2.STATUS_FAILURE
     # Another process of the same job leaves its own record and does not touch process 0's.

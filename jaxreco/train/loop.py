@@ -13,6 +13,7 @@ resume, SIGTERM, checkpoints, multi-process batches, TensorBoard.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxreco import config as config_lib, run as run_lib, tracking
 from jaxreco.checkpoint import Checkpointer, abstract_like
@@ -89,8 +91,13 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> run_lib.R
     step = int(loop["step"])
     pending: list[jax.Array] = []
     train_seconds, train_examples = 0.0, 0
-    bar = tqdm(total=total_steps, initial=step, disable=not (is_main and tc.progress_bar),
-               desc="train", unit="step", dynamic_ncols=True)
+    show_bar = is_main and tc.progress_bar
+    # the bar starts once the first step has compiled, so its rate and ETA are the steps'
+    bar = tqdm(total=total_steps, initial=step, disable=True)
+    console = contextlib.ExitStack()     # log lines go above the bar, not glued onto it
+    if show_bar:
+        console.enter_context(logging_redirect_tqdm())
+    first_step = step
     t_mark, examples_since = time.time(), 0
     stopped_early = step < total_steps and loop["bad_epochs"] >= tc.patience
     preemption = PreemptionWatcher()
@@ -110,7 +117,10 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> run_lib.R
         profiler.after(step, state)
         pending.append(m["loss"])
         examples_since += ms.examples_per_step
-        bar.update(1)
+        if step == first_step + 1 and show_bar:
+            bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
+                       dynamic_ncols=True)
+        bar.update(0 if step == first_step + 1 else 1)
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
         if step % tc.log_every_steps == 0 or end_of_epoch:
             flush_losses()
@@ -164,12 +174,17 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> run_lib.R
                     ckpt.save(step, state, data_iter, loop)
                 ckpt.close()
             bar.close()
+            console.close()
             writer.close()
             log.warning("preempted (SIGTERM): saved step %d to %s; rerun the same command "
                         "to resume", step, ckpt.directory if ckpt else "(checkpointing off)")
             raise SystemExit(0)
     profiler.close(state)                  # stopped early inside the profiled window
+    if stopped_early:                      # the bar ends where training did, not at "50%"
+        bar.total = step
+        bar.set_postfix_str(f"loss={loop['last_loss']:.4f}, early stop")
     bar.close()
+    console.close()
     preemption.close()
 
     # ------------------------------------------------------------------ test the best model
