@@ -278,22 +278,27 @@ def _filter(cols: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- CSV
 def read_csv(source: str | bytes, fields: list[Field], *, label: str | None = None,
              bad_rows: BadRows, delimiter: str = ",", header: bool = True,
-             column_names: list[str] | None = None,
-             block_size: int = 16 << 20) -> Iterator[dict[str, Any]]:
+             column_names: list[str] | None = None, block_size: int = 16 << 20,
+             line_numbers: bool = False) -> Iterator[dict[str, Any]]:
     """Yields validated blocks of ``fields`` from a CSV file (path, fsspec URL or bytes).
 
     Args:
-      source: a local path, an fsspec URL (``gs://…``) or the file's bytes.
+      source: a local path, an fsspec URL (``gs://…``) or the file's bytes; content
+        compressed with gzip, bzip2, xz or zstd is decompressed (told by its first bytes,
+        whatever the name). A UTF-8 byte-order mark before the header is ignored.
       fields: the columns to keep, with their kinds and ranges; other columns are ignored
         (but every row must still have the header's column count).
       label: the file name used in messages (defaults to the path).
       bad_rows: the ledger; in error mode the first bad row raises.
       column_names: names for a headerless file (``header=False``).
+      line_numbers: add a column ``_line`` (int64): the physical line of each kept row.
     """
     label = label or (source if isinstance(source, str) else "<bytes>")
+    if len(delimiter) != 1:
+        raise DataError(f"{label}: delimiter {delimiter!r} must be one character")
 
     def opener():
-        return io.BytesIO(source) if isinstance(source, bytes) else storage.open_file(source, "rb")
+        return storage.open_input(source, label)
 
     lines = _LineMap(opener, 1 if header else 0)
 
@@ -317,19 +322,13 @@ def read_csv(source: str | bytes, fields: list[Field], *, label: str | None = No
             bad_rows.add(r)
         invalid_rows.clear()
 
+    names = (_header(opener, label, fields, delimiter) if header
+             else list(column_names or []))
+    missing = [f.name for f in fields if f.name not in names]
+    if missing:
+        raise DataError(f"{label}:1: header {names[:20]} lacks required column(s) {missing}"
+                        + _header_hint(names, missing, delimiter))
     with opener() as fh:
-        if header:
-            try:
-                first = fh.readline().decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{label}:1: header is not valid UTF-8 ({e})") from e
-            names = first.split(delimiter)
-            fh.seek(0)
-        else:
-            names = list(column_names or [])
-        missing = [f.name for f in fields if f.name not in names]
-        if missing:
-            raise DataError(f"{label}:1: header {names[:20]} lacks required column(s) {missing}")
         try:
             reader = _open_csv(fh, fields, names, header, delimiter, block_size, on_invalid)
         except pa.ArrowInvalid as e:
@@ -362,8 +361,71 @@ def read_csv(source: str | bytes, fields: list[Field], *, label: str | None = No
                 rows = np.array([p[0] for p in pending], np.int64) + seen
                 for p, line in zip(pending, lines.lines(rows)):
                     bad_rows.add(BadRow(label, int(line), p[1], p[2], p[3]))
+            kept = _filter(out, ~bad)
+            if line_numbers:
+                kept = dict(kept, _line=lines.lines(np.arange(seen, seen + batch.num_rows)[~bad]))
             seen += batch.num_rows
-            yield _filter(out, ~bad)
+            yield kept
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+# What a file that does not decode as UTF-8 text may be, by its first bytes.
+_NOT_TEXT = ((b"\xff\xfe", "UTF-16 text (Excel's \"Unicode text\"); save it as CSV UTF-8"),
+             (b"\xfe\xff", "UTF-16 text; save it as CSV UTF-8"),
+             (b"PK\x03\x04", "a zip archive; extract the CSV file from it (or gzip it)"),
+             (b"PAR1", "a Parquet file; name it .parquet"),
+             (b"\x04\x22\x4d\x18", "lz4-compressed; decompress it, or use gzip or zstd"),
+             (b"7z\xbc\xaf\x27\x1c", "a 7-zip archive; extract the CSV file from it"))
+
+
+def _header(opener, label: str, fields: list[Field], delimiter: str) -> list[str]:
+    """The column names on the first line (quotes removed as a CSV reader does; a UTF-8
+    byte-order mark dropped, as pyarrow drops it from the data)."""
+    with opener() as fh:          # (pyarrow's decompressing streams have no readline)
+        raw = b""
+        while b"\n" not in raw and len(raw) < 1 << 20:
+            chunk = fh.read(1 << 16)
+            if not chunk:
+                break
+            raw += chunk
+        raw = raw.split(b"\n", 1)[0] + (b"\n" if b"\n" in raw else b"")
+    want = ", ".join(f.name for f in fields)
+    if re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]", raw) or not _is_utf8(raw):
+        for magic, what in _NOT_TEXT:
+            if raw.startswith(magic):
+                raise DataError(f"{label}: is {what}")
+    if raw.startswith(_UTF8_BOM):
+        raw = raw[len(_UTF8_BOM):]
+    if not raw.strip():
+        raise DataError(f"{label}:1: " + ("empty file" if not raw else "empty header line")
+                        + f"; the first line must name the columns ({want})")
+    try:
+        first = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{label}:1: header is not valid UTF-8 ({e}); is it a CSV file? "
+                        "Save it as UTF-8") from e
+    return next(csv.reader([first.rstrip("\r\n")], delimiter=delimiter))
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _header_hint(names: list[str], missing: list[str], delimiter: str) -> str:
+    """A guess at why ``missing`` columns are not in header ``names``."""
+    if len(names) == 1:
+        seps = [s for s in (";", "\t", "|", ",") if s != delimiter and s in names[0]]
+        if seps:
+            return (f"; the header is one column: is the file separated by {seps[0]!r}? Set "
+                    f"the delimiter (dataset.delimiter={seps[0]!r})")
+    near = [n for m in missing for n in names if n != m and n.strip().lower() == m.lower()]
+    if near:
+        return f"; near misses (case or spaces differ): {near[:5]}"
+    return ""
 
 
 def _open_csv(fh, fields, names, header, delimiter, block_size, on_invalid):
@@ -386,12 +448,18 @@ class _Stop(Exception):
 
 
 # ----------------------------------------------------------------------------- Parquet
-def read_parquet(source: str, fields: list[Field], *, label: str | None = None,
-                 bad_rows: BadRows, batch_size: int = 1 << 20) -> Iterator[dict[str, Any]]:
-    """Like :func:`read_csv` for a Parquet file; "line" in messages is the 1-based row."""
-    label = label or source
-    with storage.open_file(source, "rb") as fh:
-        pf = pq.ParquetFile(fh)
+def read_parquet(source: str | bytes, fields: list[Field], *, label: str | None = None,
+                 bad_rows: BadRows, batch_size: int = 1 << 20,
+                 line_numbers: bool = False) -> Iterator[dict[str, Any]]:
+    """Like :func:`read_csv` for a Parquet file (compressed as a whole with gzip etc. read
+    into memory); "line" in messages, and ``_line``, is the 1-based row."""
+    label = label or (source if isinstance(source, str) else "<bytes>")
+    compressed = storage.compression(source) is not None
+    with storage.open_input(source, label) as fh:
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(fh.read()) if compressed else fh)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{label}: not a readable Parquet file ({e})") from e
         names = pf.schema_arrow.names
         missing = [f.name for f in fields if f.name not in names]
         if missing:
@@ -407,16 +475,25 @@ def read_parquet(source: str, fields: list[Field], *, label: str | None = None,
             def report(i, field, value, reason, start=start):
                 bad_rows.add(BadRow(label, start + i + 1, field, value, reason))
             out, bad = _validate(cols, fields, report)
+            kept = _filter(out, ~bad)
+            if line_numbers:
+                kept = dict(kept, _line=np.arange(seen + 1, seen + batch.num_rows + 1)[~bad])
             seen += batch.num_rows
-            yield _filter(out, ~bad)
+            yield kept
 
 
 def read_table(source: str, fields: list[Field], *, bad_rows: BadRows, label: str | None = None,
-               delimiter: str = ",") -> Iterator[dict[str, Any]]:
-    """CSV or Parquet by file extension (``.parquet``/``.pq`` is Parquet, else CSV)."""
-    if str(source).endswith((".parquet", ".pq")):
-        return read_parquet(source, fields, label=label, bad_rows=bad_rows)
-    return read_csv(source, fields, label=label, bad_rows=bad_rows, delimiter=delimiter)
+               delimiter: str = ",", line_numbers: bool = False) -> Iterator[dict[str, Any]]:
+    """CSV or Parquet: Parquet when the content (decompressed) starts with Parquet's magic
+    bytes ``PAR1`` or the name ends in ``.parquet``/``.pq``, else CSV. A directory or a
+    missing file is a :class:`DataError`."""
+    with storage.open_input(source, label) as f:
+        head = f.read(4)
+    if head == b"PAR1" or str(source).endswith((".parquet", ".pq")):
+        return read_parquet(source, fields, label=label, bad_rows=bad_rows,
+                            line_numbers=line_numbers)
+    return read_csv(source, fields, label=label, bad_rows=bad_rows, delimiter=delimiter,
+                    line_numbers=line_numbers)
 
 
 def concat_blocks(blocks: Iterator[dict[str, Any]]) -> dict[str, Any]:
@@ -495,7 +572,8 @@ class Source:
         version); part of the key that makes a rerun with the same input a no-op.
       bad_rows: the ledger the source's readers used (skipped rows end in the quarantine).
       fixed_negatives: ``{"user": int32 [m], "negatives": int32 [m, N]}``, given evaluation
-        negatives per user (from-files), used instead of sampling.
+        negatives per user (from-files), used instead of sampling; optionally ``"file"``
+        (str) and ``"line"`` (int64 [m, N], each negative's line there), for messages.
       report: extra facts for ``metadata.json`` (e.g. ids seen only in test).
       interactions: the in-memory :class:`~jaxreco.data.dataset.Interactions` the blocks
         come from (:meth:`from_interactions`), which :meth:`to_interactions` returns as is.
@@ -512,7 +590,7 @@ class Source:
     fingerprint: Any = None
     bad_rows: BadRows | None = None
     given_split: bool = False
-    fixed_negatives: dict[str, np.ndarray] | None = None
+    fixed_negatives: dict[str, Any] | None = None
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     interactions: Any = None
 
