@@ -52,16 +52,17 @@ def source(cfg: Mapping[str, Any], *, on_bad_rows: str = "error") -> Source:
     if not cfg.get("train"):
         raise DataError("dataset=from-files needs dataset.train=<path to the train file>")
     paths = {s: cfg.get(s) for s in SPLITS if cfg.get(s)}
-    for s, p in paths.items():
-        if not storage.exists(p):
-            raise DataError(f"dataset.{s}={p}: no such file")
+    for key in (*paths, "negatives"):
+        _check_file(key, cfg.get(key))
+    delim = cfg.get("delimiter") or ","
+    if len(delim) != 1:
+        raise DataError(f"dataset.delimiter={delim!r}: must be one character")
     fields = _fields(cfg)
     bad = BadRows(on_bad_rows)
     users, items = IdMapper(), IdMapper()
     parts: dict[str, list[dict[str, np.ndarray]]] = {}
     known_u = known_i = 0
     report: dict[str, Any] = {}
-    delim = cfg.get("delimiter") or ","
     for code, s in enumerate(SPLITS):
         if s not in paths:
             continue
@@ -108,23 +109,37 @@ def source(cfg: Mapping[str, Any], *, on_bad_rows: str = "error") -> Source:
                                               else []))})
 
 
+def _check_file(key: str, path: Any) -> None:
+    """``dataset.<key>`` names an existing file (not a directory), or is unset."""
+    if not path:
+        return
+    if not storage.exists(path):
+        raise DataError(f"dataset.{key}={path}: no such file")
+    if storage.isdir(path):
+        raise DataError(f"dataset.{key}={path}: is a directory; give a CSV or Parquet file")
+
+
 def _read_negatives(path, fields, users: IdMapper, items: IdMapper, bad, delim):
+    """The fixed negatives as :attr:`Source.fixed_negatives`: per user (source index, sorted)
+    its negative items in file order, with the file and each one's line (for messages)."""
     f = [Field(fields[0].name, "id", out="user"), Field(fields[1].name, "id", out="item")]
-    us, its = [], []
-    for b in read_table(path, f, bad_rows=bad, delimiter=delim):
+    us, its, lines = [], [], []
+    for b in read_table(path, f, bad_rows=bad, delimiter=delim, line_numbers=True):
         u = users.encode(b["user"], grow=False)
         i = items.encode(b["item"], grow=False)
         if (u < 0).any() or (i < 0).any():
             k = int(np.flatnonzero((u < 0) | (i < 0))[0])
             which = "user" if u[k] < 0 else "item"
-            raise DataError(f"{path}: negatives row {k + 1} names {which} "
+            raise DataError(f"{path}:{int(b['_line'][k])}: negatives row names {which} "
                             f"{str(b[which][k])!r}, which is in no interaction file")
         us.append(u)
         its.append(i)
+        lines.append(b["_line"])
     u = np.concatenate(us) if us else np.zeros(0, np.int32)
     i = np.concatenate(its) if its else np.zeros(0, np.int32)
+    line = np.concatenate(lines) if lines else np.zeros(0, np.int64)
     order = np.argsort(u, kind="stable")
-    u, i = u[order], i[order]
+    u, i, line = u[order], i[order], line[order]
     uniq, counts = np.unique(u, return_counts=True)
     if len(uniq) and (counts != counts[0]).any():
         k = int(np.flatnonzero(counts != counts[0])[0])
@@ -132,4 +147,5 @@ def _read_negatives(path, fields, users: IdMapper, items: IdMapper, bad, delim):
                         f"user {users.vocab[uniq[0]]!r} has {counts[0]}: every user needs "
                         "the same number")
     width = int(counts[0]) if len(counts) else 0
-    return {"user": uniq.astype(np.int32), "negatives": i.reshape(len(uniq), width)}
+    return {"user": uniq.astype(np.int32), "negatives": i.reshape(len(uniq), width),
+            "line": line.reshape(len(uniq), width), "file": str(path)}

@@ -29,6 +29,9 @@ taking what the stages before it produced:
    the whole directory is staged and renamed into place, so an interrupted run leaves
    nothing that a later run or a reader would accept. With the same config and input, a
    rerun is a no-op.
+
+Every run first removes the staging and scratch directories of runs that were killed
+(SIGKILL, out of memory), each up to the input's size, and keeps those of runs still going.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ PREPARE_VERSION = 2
 DEFAULTS: dict[str, Any] = config_lib.prepare_defaults()
 # Options that change where and how visibly a dataset is written, not what is written.
 _NOT_CONTENT = ("output_dir", "progress", "temp_dir")
+# Name prefix of the scratch directory of bucket files (in temp_dir, or beside the output).
+SCRATCH_PREFIX = ".prepare-scratch-"
 
 
 def _plain(x: Any) -> Any:
@@ -252,6 +257,9 @@ def prepare(cfg: Any) -> dict[str, Any]:
     progress = _Progress(bool(prep["progress"]))
     t_start = time.perf_counter()
 
+    scratch_parent = prep["temp_dir"] or (os.path.dirname(os.path.abspath(out))
+                                         if storage.is_local(out) else None)
+    _remove_stale_temp_dirs(out, scratch_parent)
     src = open_source(ds, on_bad_rows=prep["on_bad_rows"])
     key = config_key(ds, prep, src.fingerprint)
     if storage.exists(storage.join(out, storage.METADATA)):
@@ -264,11 +272,9 @@ def prepare(cfg: Any) -> dict[str, Any]:
                   file=sys.stderr)
             return dict(old, noop=True)
 
-    scratch_parent = prep["temp_dir"] or (os.path.dirname(os.path.abspath(out))
-                                         if storage.is_local(out) else None)
     if scratch_parent:
         os.makedirs(scratch_parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".prepare-scratch-", dir=scratch_parent)
+    scratch = storage.make_owned_dir(prefix=SCRATCH_PREFIX, parent=scratch_parent)
     try:
         with storage.staged_dir(out) as stage:
             meta = _run(src, ds, prep, stage, scratch, progress, key)
@@ -278,6 +284,24 @@ def prepare(cfg: Any) -> dict[str, Any]:
         shutil.rmtree(scratch, ignore_errors=True)
     _print_summary(meta, out)
     return meta
+
+
+def _remove_stale_temp_dirs(out: str, scratch_parent: str | None) -> None:
+    """Removes the temp directories that killed runs left (``<out>.tmp-*``/``<out>.old-*``
+    staging copies beside ``out``, ``.prepare-scratch-*`` bucket files in ``scratch_parent``,
+    up to the size of the input each) once their process is gone; one a live run is writing
+    is kept (:func:`storage.owner_gone`). Names the unmarked ones older code left."""
+    places = [(scratch_parent or tempfile.gettempdir(), (SCRATCH_PREFIX,))]
+    if storage.is_local(out):
+        places.insert(0, storage.staging_location(out))
+    for parent, prefixes in places:
+        removed, unmarked = storage.remove_stale_dirs(parent, prefixes)
+        for p in removed:
+            print(f"[prepare] removed {p}, left by a prepare that was killed", file=sys.stderr)
+        for p in unmarked:
+            print(f"[prepare] {p} ({storage.dir_size(p) / 2**20:.1f} MiB) was left by an "
+                  "interrupted prepare of an older jaxreco; delete it if no prepare is "
+                  "running", file=sys.stderr)
 
 
 def _run(src: Source, ds: dict, prep: dict, stage: str, scratch: str, progress: _Progress,
@@ -617,7 +641,7 @@ def _negatives(src: Source, buckets: _Buckets, kc: _Kept, sw: _Written, prep: di
     cand_info: dict[str, Any] = {}
     fixed = src.fixed_negatives
     if fixed is not None:
-        fixed = _remap_fixed(fixed, kc.umap, kc.imap)
+        fixed = _remap_fixed(fixed, kc, src)
         num_neg = fixed["negatives"].shape[1]
     if num_neg > 0:
         sampler = neg_lib.Sampler(ni2, ng["sampler"], sw.acc.item_count)
@@ -864,33 +888,58 @@ def _streamed_cutoffs(buckets: _Buckets, ualive, ialive, lo: int, hi: int,
     return out[0], out[1]
 
 
-def _remap_fixed(fixed, umap, imap):
-    u = umap[fixed["user"]]
-    negs = imap[fixed["negatives"]]
+def _fixed_where(fixed: Mapping[str, Any], r: int, c: int) -> str:
+    """``<file>:<line>`` of fixed negative ``[r, c]`` (as far as the source recorded it)."""
+    f = fixed.get("file", "the negatives file")
+    return f"{f}:{int(fixed['line'][r, c])}" if "line" in fixed else str(f)
+
+
+def _remap_fixed(fixed: Mapping[str, Any], kc: _Kept, src: Source) -> dict[str, Any]:
+    """The source's fixed negatives in compacted indices, sorted by user, with the raw ids
+    (``user_raw``/``item_raw``, by compacted index) and lines kept for messages. Users that
+    cleaning removed are dropped; an item it removed is an error."""
+    u = kc.umap[fixed["user"]]
+    negs = kc.imap[fixed["negatives"]]
     keep = u >= 0
     if (negs[keep] < 0).any():
-        r = int(np.argwhere(negs[keep] < 0)[0][0])
-        raise DataError(f"fixed negatives: row {r} names an item removed by cleaning "
-                        "(k-core); lower the k-core thresholds or fix the negatives file")
+        r, c = np.argwhere(negs[keep] < 0)[0]
+        r0 = int(np.flatnonzero(keep)[r])
+        raise DataError(
+            f"{_fixed_where(fixed, r0, c)}: fixed negative item "
+            f"{str(src.vocab('item')[fixed['negatives'][r0, c]])!r} of user "
+            f"{str(src.vocab('user')[fixed['user'][r0]])!r} was removed by cleaning (k-core); "
+            "lower prepare.min_item_interactions or drop it from the negatives file")
     order = np.argsort(u[keep])
-    return {"user": u[keep][order], "negatives": negs[keep][order]}
+    out = {"user": u[keep][order], "negatives": negs[keep][order],
+           "user_raw": src.vocab("user")[kc.ualive], "item_raw": src.vocab("item")[kc.ialive]}
+    for k in ("file", "line"):
+        if k in fixed:
+            out[k] = fixed[k][keep][order] if k == "line" else fixed[k]
+    return out
 
 
 def _fixed_for(fixed, users, pos_keys, ni, split):
+    """The fixed negatives of evaluation rows of ``users`` (compacted indices); none may be
+    a positive of its user (``pos_keys``: sorted ``user * ni + item`` of every split)."""
     at = np.searchsorted(fixed["user"], users)
     ok = (at < len(fixed["user"])) & (fixed["user"][np.minimum(at, len(fixed["user"]) - 1)]
                                        == users)
     if not ok.all():
         u = int(users[np.flatnonzero(~ok)[0]])
-        raise DataError(f"fixed negatives: {split} user index {u} has no negatives in the "
-                        "negatives file; every evaluation user needs a row there")
+        raise DataError(f"{fixed.get('file', 'fixed negatives')}: {split} user "
+                        f"{str(fixed['user_raw'][u])!r} has no negatives there; every user "
+                        f"with {split} rows needs rows (user, item) in the negatives file")
     negs = fixed["negatives"][at]
     keys = users[:, None].astype(np.int64) * ni + negs
     hit = np.isin(keys, pos_keys)
     if hit.any():
         r, c = np.argwhere(hit)[0]
-        raise DataError(f"fixed negatives: item index {int(negs[r, c])} given as a negative of "
-                        f"user index {int(users[r])} is one of that user's positives")
+        raise DataError(
+            f"{_fixed_where(fixed, int(at[r]), int(c))}: negative item "
+            f"{str(fixed['item_raw'][negs[r, c]])!r} of user "
+            f"{str(fixed['user_raw'][users[r]])!r} is one of that user's positives (in the "
+            "train, val or test file); a negative must be an item the user never interacted "
+            "with: drop that line")
     return negs
 
 
