@@ -48,6 +48,23 @@ def write_ratings_dat(directory: Path, **kw) -> Path:
     return directory
 
 
+@pytest.fixture(autouse=True, scope="session")
+def session_cache_root():
+    """The session's cache root (``$JAXRECO_CACHE``), never the user's own cache: the
+    directory ``$JAXRECO_TEST_CACHE`` names, else ``~/.cache/jaxreco-tests``. It persists, so
+    wheels fetched once serve later runs; subprocesses inherit it through the environment.
+    Tests that want a fresh cache still set their own (``cache_env``)."""
+    root = Path(os.environ.get("JAXRECO_TEST_CACHE") or "~/.cache/jaxreco-tests")
+    root = root.expanduser().resolve()
+    before = os.environ.get("JAXRECO_CACHE")
+    os.environ["JAXRECO_CACHE"] = str(root)
+    yield root
+    if before is None:
+        os.environ.pop("JAXRECO_CACHE", None)
+    else:
+        os.environ["JAXRECO_CACHE"] = before
+
+
 @pytest.fixture
 def ml_dir(tmp_path) -> Path:
     return write_u_data(tmp_path / "ml-tiny")

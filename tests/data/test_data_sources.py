@@ -111,9 +111,9 @@ def test_synthetic_ground_truth_recoverable(run_prepare):
     assert _hr_at_10(true_pos, true_neg) > hr_pop + 0.05
 
 
-def test_real_instacart_wheel(run_prepare, tmp_path_factory):
-    cache = str(tmp_path_factory.getbasetemp() / "wheels")
-    meta, out = run_prepare({"name": "instacart-sample", "cache_dir": cache},
+def test_real_instacart_wheel(run_prepare):
+    # The wheel lands in the test session's cache (tests/conftest.py), reused by later runs.
+    meta, out = run_prepare({"name": "instacart-sample"},
                             split={"kind": "leave_last_out"}, negatives={"num": 99})
     assert meta["counts"]["raw_rows"] == 150_000
     assert meta["num_users"] == 593 and meta["num_items"] == 14190
@@ -122,9 +122,8 @@ def test_real_instacart_wheel(run_prepare, tmp_path_factory):
     assert meta["splits"]["test"]["rows"] == int((per_user + 1 >= 3).sum()) > 580
 
 
-def test_real_zozotown_wheel(run_prepare, tmp_path_factory):
-    cache = str(tmp_path_factory.getbasetemp() / "wheels")
-    meta, out = run_prepare({"name": "zozotown-obd", "cache_dir": cache, "campaign": "all",
+def test_real_zozotown_wheel(run_prepare):
+    meta, out = run_prepare({"name": "zozotown-obd", "campaign": "all",
                              "policies": ["random", "bts"]}, dedup="none",
                             split={"kind": "temporal"}, negatives={"num": 10})
     assert meta["counts"]["raw_rows"] == 20_000 and meta["num_items"] == 80
