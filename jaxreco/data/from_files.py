@@ -2,7 +2,7 @@
 
 Config (``conf/dataset/from-files.yaml``)::
 
-    train: path/or/url/train.csv       # required; .parquet/.pq read as Parquet
+    train: path/or/url/train.csv       # required; CSV or Parquet (told by content or name)
     val:   ...                         # optional
     test:  ...                         # optional
     negatives: ...                     # optional fixed evaluation negatives: columns user, item
@@ -11,10 +11,12 @@ Config (``conf/dataset/from-files.yaml``)::
     rating_range: [null, null]
     timestamp_range: [0, 4102444800]
 
-Raw ids are mapped once, consistently across all files (train first, so train ids get the
-lowest indices). Ids that appear in val/test but never in train are counted and listed (up
-to 20) in ``metadata.source_report``: a model cannot have learned them. The split is the
-one given by the files (``split.kind`` is ignored). The negatives file lists, per user, the
+Files may be gzip, bzip2, xz or zstd compressed (told by their first bytes, not their
+name); a UTF-8 byte-order mark before a CSV header is ignored. Raw ids are mapped once,
+consistently across all files (train first, so train ids get the lowest indices). Ids that
+appear in val/test but never in train are counted and listed (up to 20) in
+``metadata.source_report``: a model cannot have learned them. The split is the one given by
+the files (``split.kind`` is ignored). The negatives file lists, per user, the
 same number of negative items; they replace sampled negatives for that user's val/test rows
 and must never be a positive of that user.
 """

@@ -63,7 +63,7 @@ def parse_atomic(data: bytes, source: str, *, rating_range=(1.0, 5.0), name: str
                  on_bad_rows: str = "error", bad_rows: BadRows | None = None) -> Interactions:
     """RecBole atomic ``.inter`` file: tab separated, header of ``name:type`` fields.
     ``bad_rows``: the ledger to record into (default: a new one with ``on_bad_rows``)."""
-    header = data.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
+    header = data.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r").lstrip("\ufeff")
     names = [h.split(":")[0] for h in header.split("\t")]
     want = {"user": "user_id", "item": "item_id", "rating": "rating", "timestamp": "timestamp"}
     missing = [v for v in want.values() if v not in names]

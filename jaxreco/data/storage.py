@@ -356,7 +356,8 @@ def remove_stale_dirs(parent: str, prefixes: tuple[str, ...]) -> tuple[list[str]
             continue
         if owner_gone(p):
             shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+            if not os.path.exists(p):          # (another user's may not be ours to remove)
+                removed.append(p)
         elif not os.path.exists(os.path.join(p, OWNER)) and os.listdir(p):
             unmarked.append(p)
     return removed, unmarked

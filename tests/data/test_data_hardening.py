@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import write_csv
-from jaxreco.data import storage
+from jaxreco.data import movielens, storage
 from jaxreco.data.cache import cache_root
 from jaxreco.data.dataset import DataError
 from jaxreco.data.prepare import SCRATCH_PREFIX, load_table, prepare
@@ -54,6 +54,13 @@ def test_utf8_bom_before_the_header_is_accepted(tmp_path):
     users = load_table(str(tmp_path / "out"), "user_vocab")["raw_id"].tolist()
     assert sorted(users) == [f"u{k}" for k in range(7)]      # no "\ufeffu0"
     assert meta["counts"]["raw_rows"] == 60 + 7
+
+
+def test_utf8_bom_before_a_recbole_atomic_header_is_accepted():
+    data = ("\ufeffuser_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+            "1m_1\tHeat (1995)\t3\t978302109\n").encode()
+    x = movielens.parse_atomic(data, "ml.inter")
+    assert list(x.user_vocab) == ["1m_1"] and x.rating.tolist() == [3.0]
 
 
 # ----------------------------------------------------------------- 2. compressed input
