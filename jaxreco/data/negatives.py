@@ -16,6 +16,8 @@ in draw order, and redraw only for the rare rows left short.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from jaxreco.data.dataset import DataError
@@ -126,6 +128,7 @@ class PositiveSet:
 def sample_negatives(users: np.ndarray, pos_keys: np.ndarray, *, num_items: int, n: int,
                      sampler: Sampler, rng: np.random.Generator,
                      positives_per_user: np.ndarray | None = None,
+                     user_name: Callable[[int], str] | None = None,
                      block: int = 1 << 18) -> np.ndarray:
     """int32 ``[len(users), n]`` negatives, distinct and sorted per row, never a positive.
 
@@ -141,7 +144,9 @@ def sample_negatives(users: np.ndarray, pos_keys: np.ndarray, *, num_items: int,
         (at least) these users, across every split.
       positives_per_user: optional counts, to fail early for users who have fewer than ``n``
         non-positive items to draw from.
+      user_name: the raw id of a user index, for messages (default: the index).
     """
+    name = user_name or (lambda u: f"index {u}")
     users = np.asarray(users, np.int64)
     out = np.empty((len(users), n), np.int32)
     if n == 0 or len(users) == 0:
@@ -150,9 +155,11 @@ def sample_negatives(users: np.ndarray, pos_keys: np.ndarray, *, num_items: int,
         short = num_items - positives_per_user[users] < n
         if short.any():
             u = int(users[np.flatnonzero(short)[0]])
-            raise DataError(f"negatives.num={n}: user index {u} has only "
-                            f"{num_items - int(positives_per_user[u])} non-positive items among "
-                            f"{num_items}; lower negatives.num or filter such users")
+            free = num_items - int(positives_per_user[u])
+            raise DataError(f"negatives.num={n}: user {name(u)} has only {free} items it never "
+                            f"interacted with (of {num_items}), too few to draw {n} negatives "
+                            f"from; lower negatives.num (this user allows at most {free}; 0 "
+                            "samples none)")
     pos = PositiveSet(pos_keys)
     for lo in range(0, len(users), block):
         u = users[lo:lo + block]
@@ -173,7 +180,7 @@ def sample_negatives(users: np.ndarray, pos_keys: np.ndarray, *, num_items: int,
             cand[rows] = sub
         else:
             raise DataError(f"negatives: could not draw {n} distinct non-positive items for "
-                            f"user index {int(u[rows[0]])}; the sampler's support is too "
+                            f"user {name(int(u[rows[0]]))}; the sampler's support is too "
                             "small — lower negatives.num")
         out[lo:lo + block] = cand
     return out

@@ -643,6 +643,8 @@ def _negatives(src: Source, buckets: _Buckets, kc: _Kept, sw: _Written, prep: di
     if fixed is not None:
         fixed = _remap_fixed(fixed, kc, src)
         num_neg = fixed["negatives"].shape[1]
+    def user_name(u: int) -> str:                      # compacted index -> raw id
+        return repr(str(src.vocab("user")[np.flatnonzero(kc.ualive)[u]]))
     if num_neg > 0:
         sampler = neg_lib.Sampler(ni2, ng["sampler"], sw.acc.item_count)
         cand_hash = {s: _SplitHash() for s in ("val", "test")}
@@ -661,7 +663,8 @@ def _negatives(src: Source, buckets: _Buckets, kc: _Kept, sw: _Written, prep: di
                     rng = np.random.default_rng([int(ng["seed"]), code, b])
                     negs = neg_lib.sample_negatives(u, keys, num_items=ni2, n=num_neg,
                                                     sampler=sampler, rng=rng,
-                                                    positives_per_user=per_user)
+                                                    positives_per_user=per_user,
+                                                    user_name=user_name)
                 rel = f"{name}_candidates/part-{b:05d}.parquet"
                 cand_shards[name].append(rel)
                 writer.write_hashed(cand_hash[name], stage, rel,

@@ -150,6 +150,13 @@ def test_fixed_negative_that_is_a_positive_names_file_line_and_raw_ids(tmp_path)
     assert meta["candidates"]["test"]["sampler"] == "fixed"
 
 
+def test_too_few_items_for_sampled_negatives_names_the_raw_user_and_the_limit(tmp_path):
+    with pytest.raises(DataError, match=r"^negatives.num=99: user 'u\d' has only (\d+) items "
+                                        r"it never interacted with \(of 11\), too few .*\(this "
+                                        r"user allows at most \1;"):
+        _prep(_dataset(tmp_path), tmp_path / "out", negatives={"num": 99})
+
+
 # ----------------------------------------------------------------- 5. what a killed prepare left
 HOLD = """
 import json, pathlib, sys, time
