@@ -643,8 +643,10 @@ def _negatives(src: Source, buckets: _Buckets, kc: _Kept, sw: _Written, prep: di
     if fixed is not None:
         fixed = _remap_fixed(fixed, kc, src)
         num_neg = fixed["negatives"].shape[1]
-    def user_name(u: int) -> str:                      # compacted index -> raw id
+
+    def user_name(u: int) -> str:                      # compacted index -> raw id, quoted
         return repr(str(src.vocab("user")[np.flatnonzero(kc.ualive)[u]]))
+
     if num_neg > 0:
         sampler = neg_lib.Sampler(ni2, ng["sampler"], sw.acc.item_count)
         cand_hash = {s: _SplitHash() for s in ("val", "test")}
