@@ -71,6 +71,13 @@ class TableOptimizer(Choice):
     ials = "ials"
 
 
+class IALSSolver(Choice):
+    """How ``optimizer=ials`` solves each row (``jaxreco.train.ials``): exactly (Cholesky,
+    O(d³) per row) or by a few conjugate-gradient steps from the current row (O(d²))."""
+    cholesky = "cholesky"
+    cg = "cg"
+
+
 class DenseOptimizer(Choice):
     """optax optimizers of the dense parameters (``jaxreco.optim.dense_optimizer``)."""
     adam = "adam"
@@ -378,6 +385,10 @@ class OptimizerConfig:
     # k = the user's later train positives (needs timestamps; 0: every positive weighs 1)
     recency_weight: float = 0.0
     recency_half_life: float = 8.0
+    # ... and the row solver: cholesky (exact) or cg (cg_steps conjugate-gradient steps per
+    # row, warm-started from the current row; Takács et al. 2011, what `implicit` does)
+    solver: IALSSolver = IALSSolver.cholesky
+    cg_steps: int = 3
 
 
 @dataclasses.dataclass
@@ -537,6 +548,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "optimizer.unobserved_weight": NONNEGATIVE,
     "optimizer.recency_half_life": POSITIVE,
     "optimizer.recency_weight": NONNEGATIVE,
+    "optimizer.cg_steps": POSITIVE_INT,
     "task.num_negatives": COUNT,
     "task.ks[]": POSITIVE_INT,
     "task.eval_chunk_elements": POSITIVE_INT,

@@ -128,7 +128,8 @@ def ials_step(cfg: DictConfig, task, ms: ModelState, mesh):
                                       alpha0=float(oc.unobserved_weight),
                                       reg=float(cfg.model.reg), nu=float(oc.reg_exponent),
                                       item_bias_table=ib,
-                                      pop_exponent=float(oc.unobserved_exponent)),
+                                      pop_exponent=float(oc.unobserved_exponent),
+                                      solver=str(oc.solver), cg_steps=int(oc.cg_steps)),
                       out_shardings=(ms.shardings, None), donate_argnums=0)
     log.info("ials: %d users, %d items, %d positives (%d padded slots per half-epoch)",
              task.num_users, task.num_items, users.nnz, max(users.padded, items.padded))
