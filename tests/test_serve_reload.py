@@ -83,9 +83,11 @@ def test_not_ready_until_a_model_then_hot_swap_without_dropping_requests(tmp_pat
         assert [(s["version"], s["state"]) for s in body["model_version_status"]] == \
             [("2", "AVAILABLE"), ("1", "END")]
 
-        # a broken newer version is reported and the server keeps serving version 2
-        (model_dir / "3").mkdir()
-        (model_dir / "3" / "saved_model.pb").write_bytes(b"not a SavedModel")
+        # a broken newer version (all its files there, saved_model.pb corrupt) is reported,
+        # without the server's paths, and the server keeps serving version 2
+        shutil.copytree(model_dir / "2", tmp_path / "broken")
+        (tmp_path / "broken" / "saved_model.pb").write_bytes(b"not a SavedModel")
+        shutil.move(str(tmp_path / "broken"), str(model_dir / "3"))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             st, body = c.get("/v1/models/jaxreco")
@@ -95,6 +97,7 @@ def test_not_ready_until_a_model_then_hot_swap_without_dropping_requests(tmp_pat
         top = body["model_version_status"][0]
         assert top["version"] == "3" and top["status"]["error_code"] == "UNKNOWN"
         assert "load failed" in top["status"]["error_message"]
+        assert str(tmp_path) not in top["status"]["error_message"]
         st, body = c.post("/recommend", {"user": "u3"})
         assert st == 200 and body["model_version"] == 2
     finally:

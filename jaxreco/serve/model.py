@@ -5,6 +5,17 @@ server reads directly (item vocabulary, categories, metadata). :class:`ModelMana
 ``<model_dir>`` for version directories (TF Serving's layout), loads and warms the highest
 one in a background thread, then swaps a single reference: requests already running keep
 the version they started with, new ones get the new version, none is dropped.
+
+A version directory may appear before its files do (``cp -r``, rsync, ``kubectl cp``): the
+manager waits until every file a version needs is there (:func:`missing_files`) and its
+files stop changing (:func:`fingerprint`), reporting it as ``LOADING`` meanwhile; a load that
+fails is retried with backoff (sooner once its files change) until it loads or a newer
+version does. Messages meant for HTTP answers never hold filesystem paths
+(:func:`public_message`); the log has them.
+
+Importing this module imports TensorFlow, with its start-up log quietened first
+(:func:`jaxreco.serve.tfenv.quiet_tensorflow`: ``TF_CPP_MIN_LOG_LEVEL=2``,
+``TF_ENABLE_ONEDNN_OPTS=0``, unless the environment already sets them).
 """
 
 from __future__ import annotations
@@ -13,15 +24,20 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
 from jaxreco.serve import layout
-from jaxreco.serve.rules import BusinessRules, CompiledRules
+from jaxreco.serve.tfenv import quiet_tensorflow
+
+quiet_tensorflow()
+import tensorflow as tf  # noqa: E402  (after quiet_tensorflow)
+
+from jaxreco.serve.rules import BusinessRules, CompiledRules  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +67,88 @@ def _read_lines(path: Path) -> list[str]:
         return f.read().split("\n")[:-1]
 
 
+# ---------------------------------------------------------------------- a version on disk
+_DATA_SHARD = re.compile(r"^variables\.data-(\d+)-of-(\d+)$")
+REQUIRED_FILES = ("saved_model.pb", "variables/variables.index",
+                  f"assets/{layout.USER_VOCAB_FILE}", f"assets/{layout.ITEM_VOCAB_FILE}",
+                  f"assets.extra/{layout.METADATA_FILE}")
+
+
+def missing_files(path: Path) -> list[str]:
+    """The files (relative to the version directory) a jaxreco version needs and that are
+    not there yet: :data:`REQUIRED_FILES`, every ``variables.data-*-of-N`` shard, and
+    ``assets/item_category.txt`` when the metadata says the export wrote one. An empty list
+    means the version can be loaded (a truncated file still fails the load)."""
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    try:
+        names = os.listdir(path / "variables")
+    except OSError:
+        names = []
+    shards = [m for m in map(_DATA_SHARD.match, names) if m]
+    if not shards:
+        missing.append("variables/variables.data-*")
+    else:
+        n = int(shards[0].group(2))
+        have = {int(m.group(1)) for m in shards}
+        missing += [f"variables/variables.data-{i:05d}-of-{n:05d}" for i in range(n)
+                    if i not in have]
+    meta_path = path / "assets.extra" / layout.METADATA_FILE
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            missing.append(f"assets.extra/{layout.METADATA_FILE} (not complete JSON yet)")
+        else:
+            if meta.get("has_item_category") and not (
+                    path / "assets" / layout.ITEM_CATEGORY_FILE).is_file():
+                missing.append(f"assets/{layout.ITEM_CATEGORY_FILE}")
+    return missing
+
+
+def fingerprint(path: Path) -> tuple | None:
+    """``(relative path, size, mtime_ns)`` of every file under ``path``, sorted: changes
+    while a copy is still writing (None if the tree changed under the walk)."""
+    out = []
+    try:
+        for root, _, files in os.walk(path):
+            for f in files:
+                st = os.stat(os.path.join(root, f))
+                out.append((os.path.relpath(os.path.join(root, f), path), st.st_size,
+                            st.st_mtime_ns))
+    except OSError:
+        return None
+    return tuple(sorted(out))
+
+
+_ABS_DIRS = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"():;,]+/)+")
+
+
+def public_message(text: str, model_dir: str | os.PathLike | None = None) -> str:
+    """``text`` without filesystem paths, for an HTTP answer: ``model_dir`` (as given and
+    resolved) is cut off the front of paths under it (``.../models/5/saved_model.pb`` ->
+    ``5/saved_model.pb``), and any other absolute path keeps only its last part."""
+    if model_dir is not None:
+        for root in sorted({str(model_dir), str(Path(model_dir).resolve())}, key=len, reverse=True):
+            text = text.replace(root.rstrip(os.sep) + os.sep, "").replace(root, "<model dir>")
+    return _ABS_DIRS.sub("", text)
+
+
+def public_metadata(meta: dict) -> dict:
+    """``jaxreco.json`` for ``/v1/models/<name>/metadata``: string values under
+    ``model_info`` that are absolute paths (``run_dir``, ``prepared``) keep their last part."""
+    info = meta.get("model_info")
+    if not isinstance(info, dict):
+        return meta
+    clean = {k: (os.path.basename(v.rstrip("/")) if isinstance(v, str) and
+                 (v.startswith("/") or v.startswith("file://") or re.match(r"^[A-Za-z]:\\", v))
+                 else v) for k, v in info.items()}
+    return {**meta, "model_info": clean}
+
+
+class IncompleteVersion(Exception):
+    """A version whose files are still arriving: wait for them (not a load failure)."""
+
+
 class ServedModel:
     """One loaded SavedModel version."""
 
@@ -64,15 +162,19 @@ class ServedModel:
         self.signatures = dict(self._obj.signatures)
         missing = [s for s in (layout.SIG_USER_SCORES, layout.SIG_SIMILAR) if s not in self.signatures]
         if missing:
-            raise ValueError(f"{self.path} lacks signature(s) {missing}; was it written by "
-                             "jaxreco.export? It has: " + ", ".join(sorted(self.signatures)))
+            raise ValueError(f"version {self.path.name} lacks signature(s) {missing}; was it "
+                             "written by jaxreco.export? It has: " + ", ".join(sorted(self.signatures)))
         self.item_ids = np.asarray(_read_lines(self.path / "assets" / layout.ITEM_VOCAB_FILE), dtype=object)
         self.num_items = len(self.item_ids)
+        self._check_sizes()
         self.item_index = {s: i for i, s in enumerate(self.item_ids)}
         cat_path = self.path / "assets" / layout.ITEM_CATEGORY_FILE
         self.item_category = None
         if cat_path.exists():
             cats = _read_lines(cat_path)
+            if len(cats) != self.num_items:
+                raise ValueError(f"assets/{layout.ITEM_CATEGORY_FILE} has {len(cats)} lines for "
+                                 f"{self.num_items} items: an incomplete copy?")
             _, self.item_category = np.unique(np.asarray(cats), return_inverse=True)
         self.max_batch = max_batch
         # predict_ctr (ctr models): its heads and {context feature: {vocab_size, default}}
@@ -81,6 +183,18 @@ class ServedModel:
         self.context_features = dict(self.meta.get("context_features") or {})
         self.rules = CompiledRules.compile(rules or BusinessRules(), self.item_index,
                                            self.num_items, self.item_category)
+
+    def _check_sizes(self) -> None:
+        """The vocabularies have the sizes the metadata records (a copy cut short has not)."""
+        checks = [("num_items", layout.ITEM_VOCAB_FILE, self.num_items)]
+        if "num_users" in self.meta:
+            with open(self.path / "assets" / layout.USER_VOCAB_FILE, "rb") as f:
+                checks.append(("num_users", layout.USER_VOCAB_FILE,
+                               sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))))
+        for key, name, n in checks:
+            if key in self.meta and int(self.meta[key]) != n:
+                raise ValueError(f"assets/{name} has {n} ids but {layout.METADATA_FILE} says "
+                                 f"{key}={self.meta[key]}: an incomplete copy?")
 
     # ------------------------------------------------------------------ warm-up
     def warm_up(self) -> None:
@@ -148,7 +262,7 @@ class ServedModel:
                 "outputs": {k: spec(tf.TensorSpec(v.shape, v.dtype, k)) for k, v in outs.items()},
                 "method_name": "tensorflow/serving/predict",
             }
-        return {"signature_def": {"signature_def": defs}, "jaxreco": self.meta}
+        return {"signature_def": {"signature_def": defs}, "jaxreco": public_metadata(self.meta)}
 
     def predict(self, signature: str, inputs: dict[str, object]) -> dict[str, np.ndarray]:
         """Runs ``signature`` on JSON-decoded ``inputs`` (already checked for names)."""
@@ -218,8 +332,22 @@ def _to_tensor(value, spec: tf.TensorSpec, name: str) -> tf.Tensor:
 @dataclasses.dataclass
 class VersionStatus:
     version: int
-    state: str  # TF Serving's: LOADING, AVAILABLE, END
-    error: str = ""
+    state: str       # TF Serving's: LOADING, AVAILABLE, END
+    error: str = ""  # why it is not AVAILABLE; never a filesystem path
+    code: str = ""   # TF Serving's error_code; "" = OK without error, UNKNOWN with one
+
+
+RETRY_BASE_S, RETRY_MAX_S = 1.0, 60.0  # a failed load is retried after 1, 2, 4, ... 60 s
+
+
+@dataclasses.dataclass
+class _Watch:
+    """A version directory not loaded yet, as the last poll saw it."""
+    fp: tuple | None = None         # its files at the last poll
+    warned: bool = False            # "incomplete" already logged
+    attempts: int = 0               # failed loads
+    failed_fp: tuple | None = None  # its files when the last load failed
+    next_try: float = 0.0           # monotonic time of the next retry of unchanged files
 
 
 class ModelManager:
@@ -227,6 +355,11 @@ class ModelManager:
 
     ``current`` is replaced by one assignment after the new version is loaded and warmed;
     a request reads it once and uses that object to the end, so a swap never interrupts it.
+    Every version directory above the current one is watched, highest first: one whose
+    files are missing (:func:`missing_files`) or still changing between two polls is
+    reported ``LOADING`` (``UNAVAILABLE``, with the reason) and waited for; a load that fails
+    is reported ``END`` (``UNKNOWN``) and retried after 1, 2, 4, ... 60 s, or at the first
+    poll after its files change and settle, until it loads or a newer version does.
 
     With ``pinned`` versions (an A/B test's arms) it loads exactly those, once each, into
     ``loaded`` and never swaps; ``current`` is then the first pinned version.
@@ -243,18 +376,27 @@ class ModelManager:
         self.current: ServedModel | None = None
         self.loaded: dict[int, ServedModel] = {}  # pinned versions that are loaded
         self.statuses: dict[int, VersionStatus] = {}
-        self._failed: dict[int, float] = {}  # version -> mtime when it failed
+        self._watch: dict[int, _Watch] = {}       # versions waited for or retried
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def versions_on_disk(self) -> list[int]:
+    def version_dirs(self) -> list[int]:
+        """Every version directory (a positive integer name), complete or not."""
         try:
             names = os.listdir(self.model_dir)
         except OSError:
             return []
         return sorted(int(n) for n in names
-                      if layout.is_version_dir_name(n) and (self.model_dir / n / "saved_model.pb").exists())
+                      if layout.is_version_dir_name(n) and (self.model_dir / n).is_dir())
+
+    def versions_on_disk(self) -> list[int]:
+        """Version directories that hold a ``saved_model.pb``."""
+        return [v for v in self.version_dirs()
+                if (self.model_dir / str(v) / "saved_model.pb").exists()]
+
+    def public(self, text: str) -> str:
+        return public_message(text, self.model_dir)
 
     def pinned_problem(self) -> str | None:
         """Why not every pinned version serves yet (None once all are loaded)."""
@@ -265,42 +407,100 @@ class ModelManager:
                   if v in self.statuses and self.statuses[v].error]
         if failed:
             return "; ".join(failed)
-        return f"version(s) {waiting} not loaded yet from {self.model_dir}"
+        return f"version(s) {waiting} not loaded yet"
+
+    def readiness_problem(self) -> str:
+        """Why no version serves yet (the default arm), without paths."""
+        waiting = sorted((s for s in list(self.statuses.values()) if s.error),
+                         key=lambda s: -s.version)
+        if waiting:
+            return "; ".join(f"version {s.version}: {s.error}" for s in waiting[:3])
+        if not self.version_dirs():
+            return "no version directory (a positive integer, e.g. 1/) in the model directory yet"
+        return "the first version is loading"
 
     def poll_once(self) -> bool:
-        """Loads the highest version if it is not the one served; True if it swapped.
-        (Pinned: loads the pinned versions not loaded yet; True if one was loaded.)"""
+        """Loads the highest version above the served one that can be loaded; True if it
+        swapped. (Pinned: loads the pinned versions not loaded yet; True if one was loaded.)"""
         if self.pinned:
             return self._load_pinned()
         with self._lock:
-            versions = self.versions_on_disk()
-            if not versions:
-                return False
-            want = versions[-1]
             cur = self.current
-            if cur is not None and cur.version == want:
-                return False
-            path = self.model_dir / str(want)
-            mtime = path.stat().st_mtime
-            if self._failed.get(want) == mtime:
-                return False  # failed before and unchanged since
-            self.statuses[want] = VersionStatus(want, "LOADING")
-            t0 = time.perf_counter()
-            try:
-                model = ServedModel(path, self.rules, self.max_batch)
-                model.warm_up()
-            except Exception as e:  # keep serving the old version
-                log.error("loading model version %s from %s failed: %s", want, path, e)
-                self._failed[want] = mtime
-                self.statuses[want] = VersionStatus(want, "END", f"load failed: {e}"[:2000])
-                return False
-            self.current = model  # the swap
-            self.statuses[want] = VersionStatus(want, "AVAILABLE")
-            if cur is not None:
-                self.statuses[cur.version] = VersionStatus(cur.version, "END")
-            log.info("serving model version %d from %s (loaded in %.1f s)", want, path,
-                     time.perf_counter() - t0)
-            return True
+            newer = [v for v in self.version_dirs() if cur is None or v > cur.version]
+            self._forget(keep=set(newer))
+            for want in reversed(newer):
+                model = self._try_load(want)
+                if model is None:
+                    continue
+                self.current = model  # the swap
+                self.statuses[want] = VersionStatus(want, "AVAILABLE")
+                if cur is not None:
+                    self.statuses[cur.version] = VersionStatus(cur.version, "END")
+                self._forget(keep={v for v in newer if v > want})
+                return True
+            return False
+
+    def _forget(self, keep: set[int]) -> None:
+        """Stops watching versions not in ``keep`` (gone, or below the served one)."""
+        for v in [v for v in self._watch if v not in keep]:
+            del self._watch[v]
+            self.statuses.pop(v, None)
+
+    def _try_load(self, v: int) -> ServedModel | None:
+        """Version ``v`` loaded and warmed, or None (waiting, backing off, or failed: its
+        status says which and why)."""
+        path = self.model_dir / str(v)
+        w = self._watch.setdefault(v, _Watch())
+        fp = fingerprint(path)
+        changed = w.fp is not None and fp != w.fp
+        w.fp = fp
+        missing = missing_files(path)
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            self.statuses[v] = VersionStatus(
+                v, "LOADING", f"waiting for files: {shown} not there yet (a copy in progress? "
+                              "publish a version by renaming a finished directory into place)",
+                "UNAVAILABLE")
+            if not w.warned:
+                w.warned = True
+                log.warning("model version %d at %s is incomplete (missing %s); waiting for its "
+                            "files", v, path, ", ".join(missing))
+            return None
+        if changed or fp is None:
+            self.statuses[v] = VersionStatus(
+                v, "LOADING", "files still changing (a copy in progress?); loading once they "
+                              "stop", "UNAVAILABLE")
+            return None
+        if w.failed_fp == fp and time.monotonic() < w.next_try:
+            return None  # failed with these very files: wait for the backoff
+        if w.failed_fp is not None and w.failed_fp != fp:
+            w.attempts = 0  # new files: the backoff starts again
+        self.statuses[v] = VersionStatus(v, "LOADING")
+        t0 = time.perf_counter()
+        try:
+            model = ServedModel(path, self.rules, self.max_batch)
+            model.warm_up()
+            after = fingerprint(path)
+            if after != fp:
+                w.fp = after
+                raise IncompleteVersion("files changed while loading (a copy in progress?)")
+        except IncompleteVersion as e:
+            log.warning("model version %d at %s: %s; trying again once they stop", v, path, e)
+            self.statuses[v] = VersionStatus(v, "LOADING", str(e), "UNAVAILABLE")
+            return None
+        except Exception as e:  # keep serving the old version
+            w.attempts += 1
+            delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (w.attempts - 1))
+            w.failed_fp, w.next_try = fp, time.monotonic() + delay
+            log.error("loading model version %s from %s failed (attempt %d; retrying in %.0f s, "
+                      "sooner if its files change): %s", v, path, w.attempts, delay, e)
+            self.statuses[v] = VersionStatus(
+                v, "END", self.public(f"load failed (attempt {w.attempts}): {e}"[:2000])
+                + f"; retrying in {delay:.0f} s, or as soon as its files change", "UNKNOWN")
+            return None
+        del self._watch[v]
+        log.info("loaded model version %d from %s in %.1f s", v, path, time.perf_counter() - t0)
+        return model
 
     def _load_pinned(self) -> bool:
         with self._lock:
@@ -308,29 +508,16 @@ class ModelManager:
             for v in self.pinned:
                 if v in self.loaded:
                     continue
-                path = self.model_dir / str(v)
-                if not (path / "saved_model.pb").exists():
-                    self.statuses[v] = VersionStatus(v, "END", f"version {v} is not under "
-                                                     f"{self.model_dir} (no {path}/saved_model.pb)")
+                if not (self.model_dir / str(v)).is_dir():
+                    self.statuses[v] = VersionStatus(v, "END", f"version {v} is not in the model "
+                                                     "directory", "NOT_FOUND")
                     continue
-                mtime = path.stat().st_mtime
-                if self._failed.get(v) == mtime:
-                    continue
-                self.statuses[v] = VersionStatus(v, "LOADING")
-                t0 = time.perf_counter()
-                try:
-                    model = ServedModel(path, self.rules, self.max_batch)
-                    model.warm_up()
-                except Exception as e:
-                    log.error("loading pinned model version %s from %s failed: %s", v, path, e)
-                    self._failed[v] = mtime
-                    self.statuses[v] = VersionStatus(v, "END", f"load failed: {e}"[:2000])
+                model = self._try_load(v)
+                if model is None:
                     continue
                 self.loaded[v] = model
                 self.statuses[v] = VersionStatus(v, "AVAILABLE")
                 changed = True
-                log.info("loaded pinned model version %d from %s in %.1f s", v, path,
-                         time.perf_counter() - t0)
             if self.current is None and self.pinned[0] in self.loaded:
                 self.current = self.loaded[self.pinned[0]]
             return changed
