@@ -1,6 +1,8 @@
 """The HTTP service: TF-Serving-compatible REST plus ``/recommend`` and ``/similar``.
 
-Endpoints (all JSON; errors are ``{"error": "<what was wrong>"}`` with a 4xx status):
+Endpoints (all JSON; errors are ``{"error": "<what was wrong>"}`` with a 4xx or 5xx status,
+and never hold a filesystem path; the connection layer's own answers -- malformed HTTP,
+slow clients, too many connections -- are JSON too, see :mod:`jaxreco.serve.guard`):
 
 - ``GET  /healthz``                     liveness: the process answers.
 - ``GET  /readyz``                      readiness: 200 once a model version is loaded, else 503.
@@ -48,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jaxreco.serve import layout
 from jaxreco.serve.ab import DEFAULT_ARM, ABConfig
 from jaxreco.serve.events import EVENT_KINDS, EventLog, EventLogError, EventLogFull
+from jaxreco.serve.guard import ConcurrencyLimitMiddleware
 from jaxreco.serve.metrics import MetricsMiddleware, ServeMetrics, label
 from jaxreco.serve.model import ModelManager, PredictError, ServedModel
 from jaxreco.serve.rules import top_k
@@ -65,6 +68,7 @@ class ServeConfig:
     max_id_chars: int = 256
     max_events: int = 1000           # events per POST /events
     max_events_body_bytes: int = 2 * 2**20  # the body limit of POST /events
+    limit_concurrency: int | None = None  # requests in flight (body read) before 503
 
 
 class ApiError(Exception):
@@ -143,10 +147,12 @@ class RequestGuardMiddleware:
 
 async def _asgi_error(send, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 503:  # the connection stays usable: retry on it
+        headers.append((b"retry-after", b"1"))
+    else:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -201,7 +207,9 @@ def _recommend_batch(arms, payloads: list[dict]) -> list[dict]:
     A payload is ``{"users": [id or None], "arms": [arm index per user] (default: all 0),
     "k", "exclude_items"}``; a None user is an anonymous shopper (cold start). Each result
     gets a fresh ``request_id`` (uuid4 hex), its ``arm`` and ``model_version``; a payload's
-    answer has a top-level ``model_version`` when all its results share one.
+    answer has a top-level ``model_version`` when all its results share one, and lists the
+    ids the serving model does not know: ``unknown_users`` (they got the cold-start list;
+    anonymous shoppers are not listed) and ``unknown_exclude_items``.
     """
     if isinstance(arms, ServedModel):
         arms = [(DEFAULT_ARM, arms)]
@@ -232,12 +240,21 @@ def _recommend_batch(arms, payloads: list[dict]) -> list[dict]:
                     "request_id": uuid.uuid4().hex, "arm": name, "model_version": model.version}
             j = e
     out = []
-    for res in results:
+    for p, res in zip(payloads, results):
         versions = {x["model_version"] for x in res}
         body: dict[str, Any] = {"model_version": versions.pop()} if len(versions) == 1 else {}
         body["results"] = res
+        body["unknown_users"] = _distinct(x["user"] for x in res
+                                          if x["cold_start"] and x["user"] is not None)
+        used = [arms[a][1] for a in sorted(set(p.get("arms") or [0]))]
+        body["unknown_exclude_items"] = _distinct(
+            x for x in p["exclude_items"] if any(x not in m.item_index for m in used))
         out.append(body)
     return out
+
+
+def _distinct(ids) -> list[str]:
+    return list(dict.fromkeys(ids))
 
 
 def _similar(model: ServedModel, items: list[str], k: int) -> dict:
@@ -256,7 +273,8 @@ def _similar(model: ServedModel, items: list[str], k: int) -> dict:
             if len(lst) == k:
                 break
         results.append({"item": item, "cold_start": not bool(out["known"][r]), "items": lst})
-    return {"model_version": model.version, "results": results}
+    return {"model_version": model.version, "results": results,
+            "unknown_items": _distinct(x["item"] for x in results if x["cold_start"])}
 
 
 def _jsonable(a: np.ndarray) -> Any:
@@ -351,6 +369,11 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
     class RecommendResponse(BaseModel):
         model_version: int | None = Field(None, description="When all results share one.")
         results: list[UserResult]
+        unknown_users: list[str] = Field(description=(
+            "Requested users the model does not know (each got the cold-start list): check "
+            "the id format of the training data (docs/serving.md, 'Ids')."))
+        unknown_exclude_items: list[str] = Field(description=(
+            "exclude_items the model does not know (nothing to exclude for them)."))
 
     class SimilarItem(BaseModel):
         item: str
@@ -365,6 +388,8 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
     class SimilarResponse(BaseModel):
         model_version: int
         results: list[ItemResult]
+        unknown_items: list[str] = Field(description=(
+            "Requested items the model does not know (each got the popular items)."))
 
     class PredictRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -447,7 +472,7 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
     def _model() -> ServedModel:
         m = manager.current
         if m is None:
-            raise ApiError(503, f"no model loaded yet from {manager.model_dir}")
+            raise ApiError(503, f"no model loaded yet: {manager.readiness_problem()}")
         return m
 
     def _check_name(name: str) -> None:
@@ -472,7 +497,8 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
             if problem:
                 return _err(503, f"not ready: {problem}")
         if m is None:
-            return _err(503, f"not ready: no model version loaded from {manager.model_dir}")
+            return _err(503, f"not ready: no model version loaded yet; "
+                             f"{manager.readiness_problem()}")
         if ab.is_default:
             return {"status": "ready", "model_version": m.version}
         return {"status": "ready", "model_version": m.version,
@@ -484,10 +510,11 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         _check_name(name)
         sts = sorted(manager.statuses.values(), key=lambda s: -s.version)
         if not sts:
-            raise ApiError(404, f"model {name!r} has no version yet under {manager.model_dir}")
+            raise ApiError(404, f"model {name!r} has no version yet: "
+                                f"{manager.readiness_problem()}")
         return {"model_version_status": [
             {"version": str(s.version), "state": s.state,
-             "status": {"error_code": "OK" if not s.error else "UNKNOWN",
+             "status": {"error_code": s.code or ("OK" if not s.error else "UNKNOWN"),
                         "error_message": s.error}} for s in sts]}
 
     @app.get("/v1/models/{name}/metadata", responses=errors)
@@ -552,7 +579,7 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         try:
             out = await loop.run_in_executor(executor, m.predict, sig, inputs)
         except PredictError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, manager.public(str(e))) from None
         if req.instances is not None:
             cols = {k: _jsonable(v) for k, v in out.items()}
             n = len(req.instances)
@@ -599,7 +626,7 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         for name, m in arms:
             if m is None:
                 if ab.is_default:
-                    raise ApiError(503, f"no model loaded yet from {manager.model_dir}")
+                    raise ApiError(503, f"no model loaded yet: {manager.readiness_problem()}")
                 version = next(a.version for a in ab.arms if a.name == name)
                 raise ApiError(503, f"arm {name!r} (model version {version}) is not serving: "
                                     f"{manager.pinned_problem()}")
@@ -718,6 +745,8 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         body, ctype = metrics.render()
         return Response(body, 200, headers={"content-type": ctype})
 
+    if config.limit_concurrency:  # innermost: counts requests whose body has arrived
+        app.add_middleware(ConcurrencyLimitMiddleware, limit=config.limit_concurrency)
     app.add_middleware(RequestGuardMiddleware, limit=config.max_body_bytes,
                        path_limits={"/events": config.max_events_body_bytes})
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes_of=lambda: app.router.routes)

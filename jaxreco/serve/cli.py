@@ -4,6 +4,11 @@
     jaxreco-serve --model-dir models/ml1m --arm control=3 --arm treatment=4 --split 50,50 \
         --salt exp-2026-12 --events-dir /var/lib/jaxreco/events --replica-id r0
 
+Slow clients are cut off (``--header-timeout``, ``--body-timeout``, 408) and each source
+address may hold at most ``--max-connections-per-client`` connections
+(:mod:`jaxreco.serve.guard`); ``--limit-concurrency`` counts requests whose body has
+arrived, so slow clients never use it up.
+
 Every flag has an environment variable (``JAXRECO_SERVE_<FLAG>``, e.g.
 ``JAXRECO_SERVE_PORT``; ``JAXRECO_SERVE_ARMS="control=3,treatment=4"``), except
 ``--events-dir`` (``JAXRECO_EVENTS_DIR``) and ``--replica-id`` (``JAXRECO_REPLICA_ID``,
@@ -50,7 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", 65536)),
                    help="larger request bodies get 413 (default 65536)")
     p.add_argument("--limit-concurrency", type=int, default=int(_env("LIMIT_CONCURRENCY", 256)),
-                   help="connections+requests in flight before answering 503 (default 256)")
+                   help="requests in flight (whole body received) before answering 503 "
+                        "(default 256; /healthz, /readyz, /metrics are never refused)")
+    g = p.add_argument_group("slow and greedy clients")
+    g.add_argument("--header-timeout", type=float, default=float(_env("HEADER_TIMEOUT", 10.0)),
+                   help="seconds a client has to send a request's line and headers, from the "
+                        "connection's opening (first request) or the request's first byte; "
+                        "then 408 and close (default 10)")
+    g.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", 30.0)),
+                   help="seconds a client has to send a request body once its headers are in; "
+                        "then 408 and close (default 30)")
+    g.add_argument("--keep-alive-timeout", type=float,
+                   default=float(_env("KEEP_ALIVE_TIMEOUT", 30.0)),
+                   help="seconds an idle keep-alive connection stays open between requests "
+                        "(default 30)")
+    g.add_argument("--max-connections-per-client", type=int,
+                   default=int(_env("MAX_CONNECTIONS_PER_CLIENT", 64)),
+                   help="open connections per source address; more get 503 and are closed "
+                        "(default 64; behind a proxy every client is the proxy's address: raise "
+                        "it to --max-connections)")
+    g.add_argument("--max-connections", type=int, default=int(_env("MAX_CONNECTIONS", 1024)),
+                   help="open connections in all; more get 503 and are closed (default 1024)")
     p.add_argument("--access-log", action="store_true",
                    default=_env("ACCESS_LOG", "0") not in ("0", "", "false"),
                    help="log every request (off by default: it costs throughput)")
@@ -117,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for flag, v in (("--max-batch", args.max_batch), ("--max-body-bytes", args.max_body_bytes),
                     ("--limit-concurrency", args.limit_concurrency),
+                    ("--header-timeout", args.header_timeout),
+                    ("--body-timeout", args.body_timeout),
+                    ("--keep-alive-timeout", args.keep_alive_timeout),
+                    ("--max-connections-per-client", args.max_connections_per_client),
+                    ("--max-connections", args.max_connections),
                     ("--segment-bytes", args.segment_bytes),
                     ("--segment-seconds", args.segment_seconds), ("--dedup-ids", args.dedup_ids),
                     ("--dedup-seconds", args.dedup_seconds), ("--max-events", args.max_events),
@@ -138,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from jaxreco.serve.events import EventLog, EventLogError
     from jaxreco.serve.rules import BusinessRules, RulesError
@@ -163,18 +192,28 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from jaxreco.serve.app import ServeConfig, create_app
-    from jaxreco.serve.model import ModelManager
+    from jaxreco.serve.model import ModelManager  # imports TensorFlow, its log quietened
+    from jaxreco.serve.guard import GuardConfig, guarded_protocol
 
     manager = ModelManager(args.model_dir, rules=rules, max_batch=args.max_batch,
                            poll_interval_s=args.poll_interval, pinned=ab.pinned_versions)
     app = create_app(manager, ServeConfig(model_name=args.model_name, max_batch=args.max_batch,
                                           max_body_bytes=args.max_body_bytes,
                                           max_events=args.max_events,
-                                          max_events_body_bytes=args.max_events_body_bytes),
+                                          max_events_body_bytes=args.max_events_body_bytes,
+                                          limit_concurrency=args.limit_concurrency),
                      ab=ab, event_log=event_log)
+    guard = app.state.metrics.guard
+    protocol = guarded_protocol(
+        GuardConfig(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                    max_connections_per_client=args.max_connections_per_client,
+                    max_connections=args.max_connections),
+        on_event=lambda reason: guard.labels(reason).inc())
+    # limit_concurrency is the application's (ConcurrencyLimitMiddleware: JSON 503s, counted
+    # once the body is in); uvicorn's own would count slow connections too. No WebSockets.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                access_log=args.access_log, limit_concurrency=args.limit_concurrency,
-                timeout_keep_alive=30)
+                access_log=args.access_log, http=protocol, ws="none",
+                timeout_keep_alive=args.keep_alive_timeout)
     return 0
 
 

@@ -10,6 +10,13 @@
 - ``jaxreco_event_duplicates_total``, ``jaxreco_events_rejected_total`` (422 bodies),
   ``jaxreco_served_records_dropped_total`` (queue full), ``jaxreco_event_commit_seconds``
   (a ``POST /events`` batch from hand-off to fsync).
+- ``jaxreco_http_guard_total{reason}``: connections the HTTP layer closed or refused
+  (``header_timeout``, ``body_timeout``, ``client_connections``, ``max_connections``,
+  ``malformed``; :mod:`jaxreco.serve.guard`).
+
+A request the application finished without answering -- the client went away, or the
+body timeout cut it off -- is counted with ``status="499"`` (nginx's "client closed
+request"), not as a 500.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from prometheus_client import generate_latest
 from starlette.routing import Match
 
 UNKNOWN = "unknown"
+CLIENT_GONE = 499  # the application returned without answering: the client went away
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -45,6 +53,9 @@ class ServeMetrics:
         self.served_dropped = Counter("jaxreco_served_records_dropped_total",
                                       "Served records not logged because the writer queue was full.",
                                       registry=r)
+        self.guard = Counter("jaxreco_http_guard_total",
+                             "Connections the HTTP layer closed or refused, by reason.",
+                             ["reason"], registry=r)
         self.commit = Histogram("jaxreco_event_commit_seconds",
                                 "A POST /events batch: from hand-off to the writer until fsynced.",
                                 buckets=_LATENCY_BUCKETS, registry=r)
@@ -90,16 +101,18 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = 500
+        status, started = 500, False
 
         async def send_wrapper(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
+            if not started:
+                status = CLIENT_GONE
         finally:
             endpoint = self._endpoint(scope)
             self.metrics.requests.labels(endpoint, str(status)).inc()
