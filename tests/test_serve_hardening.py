@@ -47,7 +47,7 @@ def models(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hardening")
     v2, v3 = S.make_mf(seed=0), S.make_mf(seed=1)
     S.export(v2, tmp / "staging", 2)
-    S.export(v3, tmp / "staging", 3)
+    S.export(v3, tmp / "staging", 3, model_info={"run_dir": str(tmp / "outputs" / "ml_mf")})
     model_dir = tmp / "models"
     model_dir.mkdir()
     shutil.copytree(tmp / "staging" / "2", tmp / "broken")
@@ -370,6 +370,8 @@ def test_a_version_copied_file_by_file_is_retried_until_it_serves(ready, models)
     st, body = c.post("/recommend", {"user": "u3", "k": 5})
     want = [v3.item_id(i) for i in S.ref_recommend(v3, v3.all_scores()[3], 3, 5)]
     assert body["model_version"] == 3 and [x["item"] for x in body["results"][0]["items"]] == want
+    st, body = c.get("/v1/models/mf/metadata")  # the run directory, without its path
+    assert st == 200 and body["metadata"]["jaxreco"]["model_info"]["run_dir"] == "ml_mf"
     c.close()
 
 
