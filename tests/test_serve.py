@@ -341,7 +341,13 @@ def test_fuzzed_requests_never_crash_and_memory_stays_bounded(served):
     fuzz_raw()
     total = sum(statuses.values())
     assert total >= FUZZ_SCHEMA_EXAMPLES + FUZZ_RAW_EXAMPLES, statuses
-    assert statuses.get(200, 0) >= 50 and sum(v for s, v in statuses.items() if 400 <= s < 500) >= 500
+    # how many generated bodies are valid depends on hypothesis' choices (which shift with the
+    # string literals of the loaded modules): require some, and check valid requests directly
+    assert statuses.get(200, 0) >= 20 and sum(v for s, v in statuses.items() if 400 <= s < 500) >= 500
+    for u in range(20):
+        r = session.post(base + "/recommend", json={"users": [str(data.user_vocab[u])], "k": 5},
+                         timeout=30)
+        assert r.status_code == 200 and len(r.json()["results"][0]["items"]) == 5, r.text[:300]
     assert server.proc.poll() is None
     growth = server.rss_bytes() - rss_before
     assert growth < 64 * 2**20, f"server RSS grew by {growth / 2**20:.1f} MiB over {total} requests"
