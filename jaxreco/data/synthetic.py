@@ -31,31 +31,22 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from jaxreco.config import SyntheticEcommerceConfig
 from jaxreco.data.readers import Source
 
 
-@dataclasses.dataclass(frozen=True)
-class Params:
-    num_interactions: int = 100_000
-    num_users: int = 1_000
-    num_items: int = 500
-    num_categories: int = 20
-    dim: int = 8
-    zipf_a: float = 1.1
-    dirichlet_alpha: float = 0.2
-    session_length: float = 6.0
-    click_bias: float = -2.0
-    cart_rate: float = 0.3
-    purchase_rate: float = 0.5
-    start_ts: int = 1_600_000_000
-    days: int = 180
-    seed: int = 0
-    block_rows: int = 2_000_000
+def _from_cfg(cls, cfg: Mapping[str, Any]) -> "Params":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(cfg).items() if k in names})
 
-    @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any]) -> "Params":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(cfg).items() if k in names})
+
+# The generator's parameters: the fields of the dataset schema (its one definition, with the
+# defaults), less the name, as an immutable record. ``Params.from_cfg(cfg)`` takes a
+# ``conf/dataset/synthetic-ecommerce.yaml`` node or dict and ignores other keys.
+Params = dataclasses.make_dataclass(
+    "Params", [(f.name, f.type, dataclasses.field(default=f.default))
+               for f in dataclasses.fields(SyntheticEcommerceConfig) if f.name != "name"],
+    frozen=True, namespace={"from_cfg": classmethod(_from_cfg), "__module__": __name__})
 
 
 @dataclasses.dataclass
