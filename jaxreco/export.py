@@ -82,9 +82,11 @@ class ExportError(ValueError):
 
 # --------------------------------------------------------------------------- helpers
 def _import_tf():
-    # TensorFlow's C++ INFO lines (oneDNN, CPU features) on every export: warnings and errors
-    # still show; a level the user set is kept
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    # TensorFlow's start-up notices on every export (CPU features; oneDNN's, which only
+    # TF_ENABLE_ONEDNN_OPTS=0 silences in TF 2.21): as the server does (jaxreco.serve.tfenv),
+    # so exported and served numbers come from the same kernels; values the user set are kept
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         import tensorflow as tf
     except ImportError as e:  # pragma: no cover - depends on the environment

@@ -162,3 +162,11 @@ def test_detect_bad_input_names_the_variable():
 def test_initialize_from_env_single_process_is_a_no_op():
     pe = distributed.initialize_from_env(env={})
     assert pe.num_processes == 1 and not distributed.is_initialized()
+
+
+def test_write_json_is_strict_json_with_nan_as_null(tmp_path):
+    p = tmp_path / "metrics.json"
+    tracking.write_json(p, {"train/loss": float("nan"), "x": [1.0, float("inf")], "ok": 0.5})
+    text = p.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"train/loss": None, "x": [1.0, None], "ok": 0.5}

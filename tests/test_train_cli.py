@@ -107,3 +107,24 @@ def test_jaxreco_eval_rescores_a_rating_run(tmp_path, ml_dir):
     out = json.loads((run / "eval.json").read_text())
     assert out["step"] == m["train/best_step"]
     assert out["test/rmse"] == pytest.approx(m["test/rmse"], abs=1e-6)
+
+
+def test_smoke_runs_have_their_own_name_and_the_bar_starts_after_compiling(tmp_path, ml_dir):
+    """debug=smoke lands in outputs/<experiment>_smoke/, not beside the real runs; the bar
+    appears once the first (compiling) step is done, so its first ETA is the steps', and it
+    ends at 100% when training stops early."""
+    p = run_cli(["jaxreco.cli.train", "debug=smoke", f"dataset.path={ml_dir}",
+                 "trainer.progress_bar=true", "trainer.epochs=40", "trainer.patience=1",
+                 "trainer.batch_size=64", "optimizer.lr=0.05"], cwd=tmp_path,
+                env_extra={"JAXRECO_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    runs = list((tmp_path / "outputs" / "ml100k_mf_smoke").glob("*/metrics.json"))
+    assert len(runs) == 1 and not (tmp_path / "outputs" / "ml100k_mf").exists()
+    m = json.loads(runs[0].read_text())
+    assert m["train/stopped_early"] is True
+    bars = [ln for ln in p.stderr.replace("\r", "\n").splitlines() if ln.startswith("train:")]
+    assert bars, p.stderr[-2000:]
+    assert "| 0/" not in bars[0] and "?step/s" in bars[0]          # starts after step 1
+    last = bars[-1]
+    assert "100%" in last and "early stop" in last, last
+    assert not any("epoch" in ln for ln in bars)                    # log lines are not glued on
