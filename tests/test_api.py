@@ -70,7 +70,7 @@ def test_compose_config_gives_what_the_cli_would_run():
     cfg = jaxreco.compose_config(["debug=smoke", "model.dim=16"])
     assert cfg.trainer.epochs == 2 and cfg.trainer.batch_size == 256
     assert cfg.model.dim == 16
-    assert cfg.name == "ml100k_mf"          # ${hydra:runtime.choices.experiment} resolves
+    assert cfg.name == "ml100k_mf_smoke"    # ${hydra:runtime.choices.experiment}_smoke resolves
     assert "hydra" not in cfg
     data = jaxreco.compose_config(["dataset=movielens-1m"], config_name="data")
     assert data.dataset.name == "movielens-1m" and "prepare" in data

@@ -347,7 +347,9 @@ def test_fuzzed_requests_never_crash_and_memory_stays_bounded(served):
     for u in range(20):
         r = session.post(base + "/recommend", json={"users": [str(data.user_vocab[u])], "k": 5},
                          timeout=30)
-        assert r.status_code == 200 and len(r.json()["results"][0]["items"]) == 5, r.text[:300]
+        res = r.json()["results"][0] if r.status_code == 200 else {}
+        # rules (exclusions, at most CAP per category) may shorten a list, never empty it
+        assert res.get("cold_start") is False and 1 <= len(res["items"]) <= 5, r.text[:300]
     assert server.proc.poll() is None
     growth = server.rss_bytes() - rss_before
     assert growth < 64 * 2**20, f"server RSS grew by {growth / 2**20:.1f} MiB over {total} requests"
