@@ -4,10 +4,7 @@ ctr model's ``predict_ctr`` (context as input) is served by ``POST /predict_ctr`
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,12 +13,7 @@ from flax import nnx
 
 tf = pytest.importorskip("tensorflow", reason="export tests need the [export] extra (tensorflow-cpu)")
 
-_spec = importlib.util.spec_from_file_location(
-    "jaxreco_test_export_support", Path(__file__).with_name("test_export_support.py"))
-S = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = S
-    _spec.loader.exec_module(S)
+from tests import test_export_support as S  # noqa: E402
 
 from jaxreco import export as ex  # noqa: E402
 from jaxreco.export_models import model_functions  # noqa: E402

@@ -6,11 +6,8 @@ Business rules are on: item 5 excluded, item 7 promoted by +2.0, at most 3 per c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +15,7 @@ import pytest
 pytest.importorskip("tensorflow", reason="serving tests need tensorflow-cpu")
 pytest.importorskip("fastapi", reason="serving tests need the [serve] extra")
 
-_spec = importlib.util.spec_from_file_location(
-    "jaxreco_test_export_support", Path(__file__).with_name("test_export_support.py"))
-S = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = S
-    _spec.loader.exec_module(S)
+from tests import test_export_support as S  # noqa: E402
 
 from jaxreco.serve import layout  # noqa: E402
 

@@ -5,15 +5,12 @@ arms, Prometheus counts and the A/B description -- against ``jaxreco-serve`` sub
 from __future__ import annotations
 
 import collections
-import importlib.util
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,12 +18,7 @@ pytest.importorskip("tensorflow", reason="serving tests need tensorflow-cpu")
 pytest.importorskip("fastapi", reason="serving tests need the [serve] extra")
 pytest.importorskip("prometheus_client", reason="serving tests need the [serve] extra")
 
-_spec = importlib.util.spec_from_file_location(
-    "jaxreco_test_export_support", Path(__file__).with_name("test_export_support.py"))
-S = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = S
-    _spec.loader.exec_module(S)
+from tests import test_export_support as S  # noqa: E402
 
 from jaxreco.serve.ab import ABConfig, Arm, build  # noqa: E402
 from jaxreco.serve.events import list_segments, read_segments  # noqa: E402

@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import http.client
-import importlib.util
 import json
 import re
 import shutil
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,12 +26,7 @@ import pytest
 pytest.importorskip("tensorflow", reason="serving tests need tensorflow-cpu")
 pytest.importorskip("fastapi", reason="serving tests need the [serve] extra")
 
-_spec = importlib.util.spec_from_file_location(
-    "jaxreco_test_export_support", Path(__file__).with_name("test_export_support.py"))
-S = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = S
-    _spec.loader.exec_module(S)
+from tests import test_export_support as S  # noqa: E402
 
 from jaxreco.serve.guard import ConcurrencyLimitMiddleware  # noqa: E402
 from jaxreco.serve.tfenv import quiet_tensorflow  # noqa: E402

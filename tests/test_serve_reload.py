@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("tensorflow", reason="serving tests need tensorflow-cpu")
 pytest.importorskip("fastapi", reason="serving tests need the [serve] extra")
 
-_spec = importlib.util.spec_from_file_location(
-    "jaxreco_test_export_support", Path(__file__).with_name("test_export_support.py"))
-S = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = S
-    _spec.loader.exec_module(S)
+from tests import test_export_support as S  # noqa: E402
 
 
 def test_not_ready_until_a_model_then_hot_swap_without_dropping_requests(tmp_path):
