@@ -13,6 +13,18 @@ state) on synthetic uniformly random ids. Prints ``name: value`` lines:
   <mesh>_examples_per_s       per mesh preset, on ``--devices`` devices (CPU: fake devices)
   cpu_dp_mp_vs_single         dp_mp / single examples/s
   mf_examples_per_s_<N>_rows  on a GPU, per row count
+
+``--peers`` instead runs the ``ml1m_mf`` experiment's settings against LibMF (PyPI ``libmf``,
+the ``bench`` extra) on the experiment's prepared random 90/10 split, both fitted on the same
+90% (train + validation rows) and scored on the same test rows, on the same cores::
+
+    python scripts/bench_train.py --peers          # JAXRECO_CACHE with ML-1M prepared
+
+  mf_seconds_to_rmse / libmf_seconds_to_rmse      training seconds until test RMSE <= the
+                                                  target (``--target-rmse``, LibMF's tuned
+                                                  0.8394); compile and data loading included
+  mf_final_rmse / libmf_final_rmse                test RMSE after the last epoch / iteration
+  mf_vs_libmf_time_to_rmse_ratio                  jaxreco seconds / LibMF seconds (<= 1: ahead)
 """
 
 from __future__ import annotations
@@ -36,11 +48,16 @@ def _args():
     p.add_argument("--devices", type=int, default=8, help="fake CPU devices (CPU only)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--peers", action="store_true",
+                   help="only the ml1m_mf vs LibMF time-to-RMSE comparison (one device)")
+    p.add_argument("--target-rmse", type=float, default=0.8394)
+    p.add_argument("--libmf-threads", type=int, default=2)
+    p.add_argument("--libmf-iters", type=int, default=100)
     return p.parse_args()
 
 
 ARGS = _args() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.devices > 1:
+if ARGS is not None and ARGS.devices > 1 and not ARGS.peers:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={ARGS.devices}")
 
@@ -108,8 +125,170 @@ def bench(mesh_name: str, rows: int, batch: int, dim: int, optimizer: str, steps
     return statistics.median(times)
 
 
+# ---------------------------------------------------------------------- --peers: vs LibMF
+def _ml1m_mf_task():
+    """The ``ml1m_mf`` experiment's config and rating task, its train rows extended by the
+    validation rows: the 90% of the random split LibMF fits on too."""
+    from jaxreco.train import tasks as tasks_lib
+
+    config.register()
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose("train", overrides=["experiment=ml1m_mf", "name=peers",
+                                          "trainer.progress_bar=false"])
+    task = tasks_lib.build(cfg, tasks_lib.PreparedData.prepare(cfg))
+    tr, va = task.split["train"], task.split["val"]
+    task.train_cols = {c: np.concatenate([tr[c], va[c]]) for c in ("user", "item", "rating")}
+    return cfg, task
+
+
+def mf_time_to_rmse(cfg, task, target: float) -> tuple[list[tuple[float, float]], float]:
+    """jaxreco's trainer pieces (the loop's state, step and batches) for ``trainer.epochs``
+    epochs: ``([(training seconds so far, test RMSE) per epoch], seconds to reach target)``.
+    The clock runs from the first (compiling) step and stops while the test set is scored."""
+    from jaxreco.distributed import process_batch_shard
+    from jaxreco.train import setup
+
+    mesh = make_mesh(cfg.mesh.axes)
+    ms = setup.model_state(cfg, task, mesh)
+    in_sharding = batch_sharding(mesh, dict(cfg.mesh.rules))
+    shard = process_batch_shard(in_sharding, cfg.trainer.batch_size)
+    step_fn, _, next_batch = setup.train_step(cfg, task, ms, mesh, in_sharding, shard)
+    task.setup(ms.graphdef, ms.tables, ms.abstract_model, in_sharding, mesh)
+    state, curve, seconds, step, hit = ms.state, [], 0.0, 0, float("nan")
+    for _ in range(cfg.trainer.epochs):
+        t = time.perf_counter()
+        for _ in range(ms.steps_per_epoch):
+            state, _ = step_fn(state, next_batch(step))
+            step += 1
+        jax.block_until_ready(state)
+        seconds += time.perf_counter() - t
+        rmse = task.evaluate(state, "test")["rmse"]
+        curve.append((seconds, rmse))
+        if rmse <= target and hit != hit:
+            hit = seconds
+    return curve, hit
+
+
+def _libmf():
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):       # it prints where its .so is
+        from libmf import mf
+    return mf
+
+
+def _c_stdout_to(path: str):
+    """Context manager: the C library's stdout (LibMF's per-iteration table) into ``path``."""
+    import contextlib
+    import ctypes
+
+    @contextlib.contextmanager
+    def redirect():
+        libc = ctypes.CDLL(None)
+        sys.stdout.flush()
+        saved = os.dup(1)
+        with open(path, "wb") as f:
+            os.dup2(f.fileno(), 1)
+            try:
+                yield
+            finally:
+                libc.fflush(None)
+                os.dup2(saved, 1)
+                os.close(saved)
+    return redirect()
+
+
+def libmf_time_to_rmse(train: np.ndarray, test: np.ndarray, target: float, iters: int,
+                       threads: int, rating_range) -> dict:
+    """LibMF (k 128, η 0.03, L2 0.05 on P and Q, no L1) fitted on ``train`` rows
+    ``[user, item, rating]``. Run 1 (``iters`` iterations) prints the test RMSE of every
+    iteration; run 2 refits from scratch with just enough iterations to reach ``target``,
+    timed alone. RMSEs are recomputed from LibMF's predictions, clipped to the rating range
+    like jaxreco's evaluator."""
+    import tempfile
+
+    mf = _libmf()
+
+    def model(n, quiet):
+        return mf.MF(k=128, nr_iters=n, eta=0.03, lambda_p1=0.0, lambda_q1=0.0,
+                     lambda_p2=0.05, lambda_q2=0.05, nr_threads=threads, quiet=quiet)
+
+    u, i = test[:, 0].astype(np.int64), test[:, 1].astype(np.int64)
+
+    def rmse(m):
+        # The binding's predict() misreads its input here; LibMF's own prediction is p_u·q_i,
+        # or the global mean b for an id it never saw (NaN or out-of-range factors).
+        p, q, b = m.p_factors(), m.q_factors(), float(m.model.b)
+        ok = (u < p.shape[0]) & (i < q.shape[0])
+        pred = np.einsum("nk,nk->n", p[np.where(ok, u, 0)], q[np.where(ok, i, 0)])
+        pred = np.where(ok & ~np.isnan(pred), pred, b)
+        if rating_range is not None:
+            pred = np.clip(pred, *rating_range)
+        return float(np.sqrt(np.mean((pred - test[:, 2]) ** 2)))
+
+    with tempfile.NamedTemporaryFile(suffix=".txt") as log_file:
+        m = model(iters, quiet=False)
+        t = time.perf_counter()
+        with _c_stdout_to(log_file.name):
+            m.mf_train_test(train, test)
+        seconds_logged = time.perf_counter() - t
+        rows = [line.split() for line in open(log_file.name)]
+    va = [float(r[2]) for r in rows if len(r) >= 3 and r[0].isdigit()]
+    if len(va) != iters:
+        raise RuntimeError(f"LibMF printed {len(va)} per-iteration rows, expected {iters}: "
+                           f"{rows[:5]}")
+    final = rmse(m)
+    first = next((i + 1 for i, v in enumerate(va) if v <= target), None)
+    out = {"curve": va, "final_rmse": final, "seconds_all_iters_logged": seconds_logged,
+           "iters_to_target": first, "seconds_to_target": float("nan"), "rmse_at_target": None}
+    if first is not None:
+        m2 = model(first, quiet=True)
+        t = time.perf_counter()
+        m2.fit(train)
+        out["seconds_to_target"] = time.perf_counter() - t
+        out["rmse_at_target"] = rmse(m2)
+    return out
+
+
+def peers(a) -> None:
+    """``ml1m_mf`` (refit on train + validation) vs LibMF on the same rows and cores."""
+    dev = jax.devices()[0]
+    cfg, task = _ml1m_mf_task()
+    cols, te = task.train_cols, task.split["test"]
+    rating_range = cfg.dataset.get("rating_range", None)
+    print(f"device: {dev.device_kind} ({dev.platform}), libmf threads: {a.libmf_threads}")
+    print(f"split: ml1m_mf random 90/10 (seed {cfg.task.prepare.split.seed}): "
+          f"{len(cols['user'])} train+val rows, {len(te['user'])} test rows")
+    print(f"config: jaxreco ml1m_mf dim={cfg.model.dim} reg={cfg.model.reg} "
+          f"{cfg.optimizer.name} lr={cfg.optimizer.lr} schedule={cfg.optimizer.schedule} "
+          f"batch={cfg.trainer.batch_size} epochs={cfg.trainer.epochs}; libmf k=128 "
+          f"iters={a.libmf_iters} eta=0.03 l2=0.05", flush=True)
+    curve, mf_hit = mf_time_to_rmse(cfg, task, a.target_rmse)
+    for e, (s, r) in enumerate(curve, 1):
+        print(f"  mf epoch {e}: {s:.2f} s  test rmse {r:.4f}")
+    print(f"mf_seconds_to_rmse: {mf_hit:.2f}")
+    print(f"mf_seconds_all_epochs: {curve[-1][0]:.2f}")
+    print(f"mf_final_rmse: {curve[-1][1]:.4f}", flush=True)
+    to_rows = lambda d: np.stack([d["user"], d["item"], d["rating"]], 1).astype(np.float32)  # noqa: E731
+    lm = libmf_time_to_rmse(to_rows(cols), to_rows(te), a.target_rmse, a.libmf_iters,
+                            a.libmf_threads, rating_range)
+    print(f"  libmf iterations to rmse {a.target_rmse} (its own unclipped log): "
+          f"{lm['iters_to_target']}; every 10th: "
+          + " ".join(f"{v:.4f}" for v in lm["curve"][9::10]))
+    print(f"libmf_seconds_to_rmse: {lm['seconds_to_target']:.2f}"
+          + (f"  (refit with {lm['iters_to_target']} iterations: test rmse "
+             f"{lm['rmse_at_target']:.4f})" if lm["rmse_at_target"] is not None else ""))
+    print(f"libmf_seconds_all_iters: {lm['seconds_all_iters_logged']:.2f}  (per-iteration "
+          f"test RMSE logged)")
+    print(f"libmf_final_rmse: {lm['final_rmse']:.4f}")
+    print(f"mf_vs_libmf_time_to_rmse_ratio: {mf_hit / lm['seconds_to_target']:.3f}")
+
+
 def main() -> None:
     a = ARGS
+    if a.peers:
+        return peers(a)
     dev = jax.devices()[0]
     gpu = dev.platform != "cpu"
     print(f"device: {dev.device_kind} ({dev.platform}) x{jax.device_count()}")
