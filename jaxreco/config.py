@@ -78,6 +78,18 @@ class IALSSolver(Choice):
     cg = "cg"
 
 
+class PrivacyKind(Choice):
+    """``privacy=``: none, or user-level differential privacy (``jaxreco.privacy``)."""
+    none = "none"
+    dp = "dp"
+
+
+class Accountant(Choice):
+    """``privacy.accountant``: dp-accounting's Rényi-DP or privacy-loss-distribution one."""
+    rdp = "rdp"
+    pld = "pld"
+
+
 class DenseOptimizer(Choice):
     """optax optimizers of the dense parameters (``jaxreco.optim.dense_optimizer``)."""
     adam = "adam"
@@ -422,6 +434,21 @@ class LoggerConfig:
 
 
 @dataclasses.dataclass
+class PrivacyConfig:
+    """``privacy=dp``: user-level (ε, δ)-DP iALS (``jaxreco/privacy/dp_ials.py``). Give
+    ``epsilon`` (the noise multiplier is calibrated for ``trainer.epochs`` item solves) or
+    ``noise_multiplier`` (ε is computed), not both."""
+    name: PrivacyKind = PrivacyKind.none
+    epsilon: Optional[float] = None          # target ε over the whole run
+    noise_multiplier: Optional[float] = None  # Gaussian σ / L2 sensitivity of one user
+    delta: Optional[float] = None            # null: 1 / number of users
+    max_items_per_user: int = 64             # k: positives per user kept (sampled once)
+    clip_norm: float = 1.0                   # C: user vectors clipped to ‖p_u‖ <= C
+    accountant: Accountant = Accountant.rdp
+    seed: Optional[int] = None               # sampling and noise seed; null: the run's seed
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Primary config of ``jaxreco-train`` (``conf/train.yaml``)."""
     name: str = MISSING             # experiment name: outputs/<name>/<timestamp>
@@ -432,6 +459,7 @@ class TrainConfig:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
 
 
@@ -466,6 +494,7 @@ def register() -> None:
     cs.store(group="schema/trainer", name="default", node=TrainerConfig)
     cs.store(group="schema/mesh", name="default", node=MeshConfig)
     cs.store(group="schema/logger", name="default", node=LoggerConfig)
+    cs.store(group="schema/privacy", name="default", node=PrivacyConfig)
 
 
 def prepare_defaults() -> dict[str, Any]:
@@ -549,6 +578,12 @@ TRAIN_RANGES: dict[str, Range] = {
     "optimizer.recency_half_life": POSITIVE,
     "optimizer.recency_weight": NONNEGATIVE,
     "optimizer.cg_steps": POSITIVE_INT,
+    "privacy.epsilon": Range(lo=0, lo_open=True, nullable=True),
+    "privacy.noise_multiplier": Range(lo=0, lo_open=True, nullable=True),
+    "privacy.delta": Range(lo=0, hi=1, lo_open=True, hi_open=True, nullable=True),
+    "privacy.max_items_per_user": POSITIVE_INT,
+    "privacy.clip_norm": POSITIVE,
+    "privacy.seed": Range(lo=0, integer=True, nullable=True),
     "task.num_negatives": COUNT,
     "task.ks[]": POSITIVE_INT,
     "task.eval_chunk_elements": POSITIVE_INT,
@@ -691,6 +726,15 @@ def validate(cfg: Any) -> None:
     free = [k for k, v in axes.items() if v == -1]
     if len(free) > 1:
         raise ValueError(f"mesh.axes={axes}: at most one axis may be -1, got {free}")
+    priv = _get(cfg, "privacy")
+    if priv is not _ABSENT and priv["name"] == PrivacyKind.dp:
+        if opt["name"] != TableOptimizer.ials:
+            raise ValueError(f"privacy=dp: optimizer.name={_plain(opt['name'])} is not "
+                             "supported; DP training is implemented for optimizer=ials")
+        if (priv["epsilon"] is None) == (priv["noise_multiplier"] is None):
+            raise ValueError(f"privacy=dp: give exactly one of privacy.epsilon (got "
+                             f"{_plain(priv['epsilon'])}) and privacy.noise_multiplier (got "
+                             f"{_plain(priv['noise_multiplier'])})")
     steps = _get(cfg, "trainer.profile_steps")
     if steps not in (_ABSENT, None):
         steps = list(steps)
