@@ -202,8 +202,11 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> run_lib.R
         "perf/examples_per_sec": train_examples / max(train_seconds, 1e-9),
         "perf/total_seconds": time.time() - t_start,
     })
+    privacy = setup.privacy_metrics(cfg, task, ms, step)
+    results.update(privacy)
     writer.scalars(step, {f"eval/test/{k[5:]}": v for k, v in results.items()
                           if k.startswith("test/")})
+    writer.scalars(step, privacy)
     writer.close()
     if is_main:
         if cfg.logger.tensorboard:

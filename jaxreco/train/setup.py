@@ -18,6 +18,7 @@ from jaxreco import optim
 from jaxreco.data import pipeline
 from jaxreco.distributed import to_global
 from jaxreco.embedding import ShardedTables
+from jaxreco.privacy import dp_ials
 from jaxreco.train import ials
 from jaxreco.train.state import create_state, table_axes
 from jaxreco.train.step import make_train_step
@@ -108,6 +109,10 @@ def ials_step(cfg: DictConfig, task, ms: ModelState, mesh):
     length (:func:`jaxreco.train.ials.group_rows`), recency weights when configured."""
     am, oc, cols = ms.abstract_model, cfg.optimizer, task.train_cols
     ut, it, ib = ials.check_model(cfg.model, am)
+    if cfg.privacy.name == "dp":                 # user-level DP iALS (jaxreco/privacy)
+        epoch, data, _ = dp_ials.build(cfg, task, am, ut, it, ms.total_steps)
+        data = jax.device_put(data, NamedSharding(mesh, PartitionSpec()))
+        return jax.jit(epoch, out_shardings=(ms.shardings, None), donate_argnums=0), data
     dim = int(am.user_mf.shape[1])
     conf = None
     if float(oc.recency_weight):
@@ -134,6 +139,19 @@ def ials_step(cfg: DictConfig, task, ms: ModelState, mesh):
     log.info("ials: %d users, %d items, %d positives (%d padded slots per half-epoch)",
              task.num_users, task.num_items, users.nnz, max(users.padded, items.padded))
     return step_fn, data
+
+
+def privacy_metrics(cfg: DictConfig, task, ms: ModelState, steps: int) -> dict[str, float]:
+    """``privacy/epsilon``, ``privacy/delta``, ... of a ``privacy=dp`` run after ``steps``
+    epochs (item releases); nothing without privacy."""
+    if cfg.privacy.name != "dp":
+        return {}
+    pl = dp_ials.plan(cfg.privacy, num_users=task.num_users, epochs=ms.total_steps,
+                      seed=int(cfg.seed))
+    out = pl.metrics(steps)
+    log.info("privacy=dp: (ε=%.4g, δ=%.3g)-DP after %d epochs (noise multiplier %.4g)",
+             out["privacy/epsilon"], pl.delta, steps, pl.noise_multiplier)
+    return out
 
 
 def learning_rate(ms: ModelState, cfg: DictConfig, step: int) -> dict[str, float]:
