@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreco import export_models
+from jaxreco import export_models, foldin
 from jaxreco.data.prepare import load_table
 from jaxreco.models.embed_mlp import EmbedMLP
 from jaxreco.models.mf import MF
@@ -78,6 +78,37 @@ PredictFn = Callable[[Any, jax.Array, jax.Array, Mapping[str, jax.Array]], Mappi
 
 class ExportError(ValueError):
     """The export cannot proceed; the message names the argument or version at fault."""
+
+
+EncodeFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionModel:
+    """How ``session_scores`` / ``recommend_session`` turn a shopper's recent items into
+    scores (without one: ``"exclude"``, the user's own scores with the items excluded).
+
+    ``mode="foldin"`` (dot / iALS models): ``foldin`` holds the item vectors, bias, ``α₀``,
+    ``λ``, ``ν``; the user vector is solved per request (:mod:`jaxreco.foldin`) from the
+    session's items (anonymous shopper) or the user's training items ∪ session items.
+
+    ``mode="sequential"``: ``encode_fn(params, items int32[b, L], events int32[b, L],
+    gaps float32[b, L]) -> [b, d]`` (items left-padded with -1, the latest at L-1) and
+    ``item_vectors [num_items, d]``; the scores are ``encode(...) · item_vectorsᵀ``. The
+    sequence is the user's last training items (``history``: CSR ``(indptr [U+1], item
+    indices, event indices, timestamps)`` in (timestamp, row) order; anonymous: none)
+    followed by the session's known items, cut to its last ``max_len``. ``event_vocab``
+    names event types 1.. (index 0 = unknown).
+    """
+
+    mode: str
+    foldin: Any = None
+    encode_fn: EncodeFn | None = None
+    item_vectors: np.ndarray | None = None
+    max_len: int = 0
+    event_vocab: Sequence[str] = ()
+    history: tuple | None = None
+    use_gaps: bool = False
 
 
 # --------------------------------------------------------------------------- helpers
@@ -194,7 +225,8 @@ def popularity_from_seen(seen_indices: np.ndarray, num_items: int) -> np.ndarray
 # --------------------------------------------------------------------------- TF module
 def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_vectors,
                   user_vocab_path, item_vocab_path, num_users, num_items, seen, popularity,
-                  co_counts, platforms, predict_fn=None, heads=(), context_features=None):
+                  co_counts, platforms, predict_fn=None, heads=(), context_features=None,
+                  session: SessionModel | None = None):
     """A ``tf.Module`` holding the parameters, vocabularies and the five signatures (six
     with ``predict_fn``: ``predict_ctr``)."""
     from jax.experimental import jax2tf
@@ -221,6 +253,15 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
             polymorphic_shapes=[poly_params, "(b,)", "(b,)"] + ["(b,)"] * len(ctx_names),
             with_gradient=False, native_serialization_platforms=platforms)
 
+    session = session or SessionModel("exclude")
+    conv_encode = None
+    if session.mode == "sequential":
+        L = int(session.max_len)
+        conv_encode = jax2tf.convert(
+            with_params(lambda p, it, ev, gp: session.encode_fn(p, it, ev, gp).astype(jnp.float32)),
+            polymorphic_shapes=[poly_params, f"(b, {L})", f"(b, {L})", f"(b, {L})"],
+            with_gradient=False, native_serialization_platforms=platforms)
+
     excluded = np.float32(layout.EXCLUDED_SCORE)
     text_init = tf.lookup.TextFileInitializer
     line, whole = tf.lookup.TextFileIndex.LINE_NUMBER, tf.lookup.TextFileIndex.WHOLE_LINE
@@ -245,6 +286,33 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
             self.seen_indices = tf.Variable(seen[1], trainable=False, name="seen_indices")
             self.popularity = tf.Variable(popularity, trainable=False, name="popularity")
             self.unit_vectors = tf.Variable(unit_vectors, trainable=False, name="item_unit_vectors")
+            if session.mode == "foldin":
+                f = session.foldin
+                self.fold_q = tf.Variable(np.asarray(f.item_vectors, np.float32),
+                                          trainable=False, name="foldin_item_vectors")
+                bias = (np.zeros(num_items, np.float32) if f.item_bias is None
+                        else np.asarray(f.item_bias, np.float32))
+                self.fold_bias = tf.Variable(bias, trainable=False, name="foldin_item_bias")
+                self.fold_gram = tf.Variable(f.gram(), trainable=False, name="foldin_gram")
+                self.fold_rhs0 = tf.Variable(f.rhs0(), trainable=False, name="foldin_rhs0")
+            elif session.mode == "sequential":
+                self.seq_vectors = tf.Variable(np.asarray(session.item_vectors, np.float32),
+                                               trainable=False, name="seq_item_vectors")
+                h = session.history
+                self.hist_indptr = tf.Variable(np.asarray(h[0], np.int64), trainable=False,
+                                               name="hist_indptr")
+                self.hist_items = tf.Variable(np.asarray(h[1], np.int32), trainable=False,
+                                              name="hist_items")
+                self.hist_events = tf.Variable(np.asarray(h[2], np.int32), trainable=False,
+                                               name="hist_events")
+                self.hist_ts = tf.Variable(np.asarray(h[3], np.float64), trainable=False,
+                                           name="hist_ts")
+            vocab = list(session.event_vocab)
+            self.event_index = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(
+                    tf.constant(vocab or ["\x00"], tf.string),
+                    tf.constant(list(range(1, len(vocab) + 1)) or [0], tf.int32)),
+                default_value=0)
             self.has_co = co_counts is not None
             if self.has_co:
                 self.co_indptr = tf.Variable(co_counts[0], trainable=False, name="co_indptr")
@@ -308,6 +376,125 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
                                        excluded)
             scores = tf.where(known[:, None], scores, self.popularity[None, :])
             return scores, known
+
+        @tf.function(jit_compile=True, autograph=False)
+        def _jax_encode(self, items, events, gaps):
+            return conv_encode(self.params, items, events, gaps)
+
+        def _session_scores(self, user, items, events, ts):
+            """``(scores [b, I], known [b], session_known [b])``; see :class:`SessionModel`."""
+            base, known = self._user_scores(user)
+            u, _ = self._lookup(self.user_index, user)
+            idx = self.item_index.lookup(items)                      # [b, n], -1 unknown
+            valid = idx >= 0
+            n_known = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
+            b = tf.shape(idx, out_type=tf.int64)[0]
+            coords = tf.where(valid)                                 # [m, 2] row-major
+            sess = tf.tensor_scatter_nd_max(
+                tf.zeros(tf.stack([b, num_items]), tf.float32),
+                tf.stack([coords[:, 0], tf.gather_nd(idx, coords)], axis=1),
+                tf.ones(tf.shape(coords)[:1], tf.float32))           # [b, I] session items
+            if session.mode == "exclude":
+                scores = tf.where(sess > 0, excluded, base)
+                return scores, known, n_known
+            seen = self._scatter_csr(tf.zeros_like(sess), u, known, self.seen_indptr,
+                                     self.seen_indices, np.float32(1.0))
+            drop = tf.maximum(sess, seen)                            # seen ∪ session
+            if session.mode == "foldin":
+                p = self._fold_in(drop)
+                s = tf.matmul(p, self.fold_q, transpose_b=True) + self.fold_bias[None, :]
+            else:
+                p = self._encode(u, known, idx, valid, events, ts)
+                s = tf.matmul(p, self.seq_vectors, transpose_b=True)
+            s = tf.where(drop > 0, excluded, s)
+            # no known session item: the user's own scores (popularity when unknown)
+            scores = tf.where((n_known > 0)[:, None], s, base)
+            return scores, known, n_known
+
+        def _fold_in(self, mask):
+            """Rows ``(Σ_H q qᵀ + α₀G + λ(|H| + α₀I)^ν 1)⁻¹ (Σ_H (1 − b) q − α₀Q_wᵀb)``
+            of the items ``H`` where ``mask`` [b, I] is set (:mod:`jaxreco.foldin`)."""
+            f = session.foldin
+            d = int(f.item_vectors.shape[1])
+            coords = tf.where(mask > 0)
+            hist = tf.RaggedTensor.from_value_rowids(
+                tf.cast(coords[:, 1], tf.int32), coords[:, 0], nrows=tf.shape(mask, tf.int64)[0])
+            h = hist.to_tensor(default_value=num_items)              # [b, m], pad = zero row
+            q_pad = tf.concat([self.fold_q, tf.zeros([1, d], tf.float32)], 0)
+            b_pad = tf.concat([self.fold_bias, tf.zeros([1], tf.float32)], 0)
+            qh = tf.gather(q_pad, h)                                 # [b, m, d]
+            bh = tf.gather(b_pad, h)
+            cnt = tf.cast(hist.row_lengths(), tf.float32)
+            lam = np.float32(f.reg) * tf.pow(cnt + np.float32(f.alpha0 * num_items),
+                                             np.float32(f.nu))
+            a = (tf.einsum("bmd,bme->bde", qh, qh) + np.float32(f.alpha0) * self.fold_gram[None]
+                 + lam[:, None, None] * tf.eye(d, dtype=tf.float32)[None])
+            rhs = tf.reduce_sum(qh * (1.0 - bh)[..., None], axis=1) - self.fold_rhs0[None, :]
+            # a row with no items (answered by the user's own scores) stays solvable
+            a = tf.where((cnt > 0)[:, None, None], a, tf.eye(d, dtype=tf.float32)[None])
+            chol = tf.linalg.cholesky(a)
+            return tf.linalg.cholesky_solve(chol, rhs[..., None])[..., 0]
+
+        def _encode(self, u, known, idx, valid, events, ts):
+            """The encoder on the last ``max_len`` of (the user's history, the session's
+            known items), left-padded with -1."""
+            L = int(session.max_len)
+            starts = tf.gather(self.hist_indptr, u)
+            limits = tf.where(known, tf.gather(self.hist_indptr, u + 1), starts)
+            pos = tf.ragged.range(starts, limits)
+            h_items = tf.gather(self.hist_items, pos)
+            h_events = tf.gather(self.hist_events, pos)
+            h_ts = tf.gather(self.hist_ts, pos)
+            s_items = tf.ragged.boolean_mask(tf.cast(idx, tf.int32), valid)
+            s_events = tf.ragged.boolean_mask(self.event_index.lookup(events), valid)
+            s_ts = tf.ragged.boolean_mask(ts, valid)
+            seq = [tf.concat([h, x], axis=1)[:, -L:] for h, x in
+                   ((h_items, s_items), (h_events, s_events), (h_ts, s_ts))]
+            n = seq[0].row_lengths()
+            j = tf.range(L, dtype=tf.int64)[None, :] - (L - n)[:, None]  # right -> left pad
+
+            def left(x, fill):
+                dense = x.to_tensor(default_value=fill, shape=tf.stack(
+                    [tf.shape(n, tf.int64)[0], L]))
+                return tf.where(j >= 0, tf.gather(dense, tf.maximum(j, 0), batch_dims=1),
+                                tf.cast(fill, dense.dtype))
+            items_l = left(seq[0], -1)
+            events_l = left(seq[1], 0)
+            ts_l = left(seq[2], 0.0)
+            prev = tf.concat([tf.zeros_like(ts_l[:, :1]), ts_l[:, :-1]], axis=1)
+            ok = (j >= 1) & (ts_l > 0) & (prev > 0)
+            gaps = tf.cast(tf.where(ok, tf.maximum(ts_l - prev, 0.0), 0.0), tf.float32)
+            return self._jax_encode(items_l, events_l, gaps)
+
+        def _session_inputs(self, items, events, ts):
+            same = tf.debugging.Assert(
+                tf.logical_and(tf.reduce_all(tf.equal(tf.shape(items), tf.shape(events))),
+                               tf.reduce_all(tf.equal(tf.shape(items), tf.shape(ts)))),
+                ["items, events and ts must have the same shape [b, n]; got",
+                 tf.shape(items), tf.shape(events), tf.shape(ts)])
+            return same
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
+                                      tf.TensorSpec([None, None], tf.string, name="items"),
+                                      tf.TensorSpec([None, None], tf.string, name="events"),
+                                      tf.TensorSpec([None, None], tf.float64, name="ts")])
+        def session_scores(self, user, items, events, ts):
+            with tf.control_dependencies([self._session_inputs(items, events, ts)]):
+                scores, known, n_known = self._session_scores(user, items, events, ts)
+            return {"scores": scores, "known": known, "session_known": n_known}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
+                                      tf.TensorSpec([None, None], tf.string, name="items"),
+                                      tf.TensorSpec([None, None], tf.string, name="events"),
+                                      tf.TensorSpec([None, None], tf.float64, name="ts"),
+                                      tf.TensorSpec([], tf.int32, name="k")])
+        def recommend_session(self, user, items, events, ts, k):
+            with tf.control_dependencies([self._check_k(k, num_items),
+                                          self._session_inputs(items, events, ts)]):
+                scores, known, n_known = self._session_scores(user, items, events, ts)
+                top = tf.math.top_k(scores, k=k)
+            return {"items": self.item_id.lookup(tf.cast(top.indices, tf.int64)),
+                    "scores": top.values, "known": known, "session_known": n_known}
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
                                       tf.TensorSpec([None], tf.string, name="item")])
@@ -402,6 +589,7 @@ def export_saved_model(
     platforms: Sequence[str] = ("cpu",),
     verify: bool = True,
     overwrite: bool = False,
+    session: SessionModel | None = None,
 ) -> Path:
     """Writes ``<out_dir>/<version>/`` (a SavedModel) and returns that path.
 
@@ -436,6 +624,9 @@ def export_saved_model(
       verify: reload the written SavedModel and compare a few scores with JAX; fails with
         :class:`ExportError` when this TensorFlow cannot run what this JAX wrote.
       overwrite: replace an existing ``<out_dir>/<version>``.
+      session: how ``session_scores`` / ``recommend_session`` use a shopper's recent items
+        (:class:`SessionModel`); default ``"exclude"`` (the user's scores, those items
+        excluded).
     """
     tf = _import_tf()
     if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
@@ -464,6 +655,8 @@ def export_saved_model(
 
     context_features, context_defaults, heads = _check_predict(
         predict_fn, heads, context_features, context_defaults)
+
+    session = _check_session(session, num_users, num_items)
 
     leaves, treedef = jax.tree_util.tree_flatten(params)
     leaves = [np.asarray(x) for x in leaves]
@@ -509,7 +702,7 @@ def export_saved_model(
             item_vocab_path=src_assets / layout.ITEM_VOCAB_FILE,
             num_users=num_users, num_items=num_items, seen=seen, popularity=popularity,
             co_counts=co_counts, platforms=tuple(platforms), predict_fn=predict_fn,
-            heads=heads, context_features=context_features)
+            heads=heads, context_features=context_features, session=session)
         saved = tmp / "model"
         signatures = {
             layout.SIG_SCORE: module.score.get_concrete_function(),
@@ -517,6 +710,8 @@ def export_saved_model(
             layout.SIG_SIMILAR: module.similar_items.get_concrete_function(),
             layout.SIG_USER_SCORES: module.user_scores.get_concrete_function(),
             layout.SIG_DEFAULT: module.recommend.get_concrete_function(),
+            layout.SIG_SESSION_SCORES: module.session_scores.get_concrete_function(),
+            layout.SIG_RECOMMEND_SESSION: module.recommend_session.get_concrete_function(),
         }
         if predict_fn is not None:
             signatures[layout.SIG_PREDICT_CTR] = module.predict_ctr.get_concrete_function()
@@ -538,6 +733,7 @@ def export_saved_model(
             "context_features": {c: {"vocab_size": n, "default": context_defaults[c]}
                                  for c, n in context_features.items()},
             "excluded_score": layout.EXCLUDED_SCORE,
+            "session": _session_meta(session),
             "jax_version": jax.__version__,
             "tensorflow_version": tf.__version__,
             "platforms": list(platforms),
@@ -556,6 +752,52 @@ def export_saved_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _check_session(session: SessionModel | None, num_users: int,
+                   num_items: int) -> SessionModel:
+    """``session`` checked against the vocabularies (``"exclude"`` when None)."""
+    if session is None:
+        return SessionModel("exclude")
+    if session.mode not in layout.SESSION_MODES:
+        raise ExportError(f"session.mode={session.mode!r}: must be one of {layout.SESSION_MODES}")
+    for e in session.event_vocab:
+        if not isinstance(e, str) or not e:
+            raise ExportError(f"session.event_vocab holds {e!r}: event types are non-empty strings")
+    if session.mode == "foldin":
+        if session.foldin is None or session.foldin.num_items != num_items:
+            raise ExportError(f"session mode 'foldin' needs foldin= a jaxreco.foldin.FoldIn "
+                              f"over the {num_items} items")
+    elif session.mode == "sequential":
+        if session.encode_fn is None or not int(session.max_len) >= 1:
+            raise ExportError("session mode 'sequential' needs encode_fn and max_len >= 1; got "
+                              f"max_len={session.max_len!r}")
+        v = np.asarray(session.item_vectors)
+        if v.ndim != 2 or v.shape[0] != num_items:
+            raise ExportError(f"session.item_vectors must be [{num_items}, d]; got {v.shape}")
+        h = session.history
+        if h is None or len(h) != 4:
+            raise ExportError("session.history must be (indptr, items, events, ts)")
+        indptr = np.asarray(h[0])
+        if indptr.shape != (num_users + 1,) or indptr[0] != 0 or indptr[-1] != len(h[1]) \
+                or np.any(np.diff(indptr) < 0):
+            raise ExportError(f"session.history indptr must be [{num_users + 1}], from 0 to "
+                              f"len(items)={len(h[1])}, never decreasing")
+        if not len(h[1]) == len(h[2]) == len(h[3]):
+            raise ExportError("session.history items, events and ts must have one entry each")
+    return session
+
+
+def _session_meta(session: SessionModel) -> dict:
+    meta = {"mode": session.mode, "event_vocab": list(session.event_vocab)}
+    if session.mode == "sequential":
+        meta.update(max_len=int(session.max_len), use_gaps=bool(session.use_gaps))
+    if session.mode == "foldin":
+        f = session.foldin
+        meta.update(alpha0=float(f.alpha0), reg=float(f.reg), nu=float(f.nu),
+                    item_bias=f.item_bias is not None,
+                    unobserved_weights=f.col_weight is not None)
+    return meta
 
 
 def _check_categories(item_category, num_items):
@@ -748,6 +990,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: 
                                               fns.user_item_scores_fn, fns.item_vectors_fn)
         info.update(combiner=model.combiner, head=fns.heads[0], item_vectors=fns.item_vectors,
                     side_features=sorted(model.side))
+        if model.combiner == "dot" and not model.side and not model.context:
+            kwargs.setdefault("session", SessionModel("foldin", foldin=_foldin_of(r, d, ni)))
         if kind == "ctr":
             extra = {"predict_fn": fns.predict_fn, "heads": fns.heads,
                      "context_features": fns.context_features,
@@ -763,6 +1007,25 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: 
         out_dir, version, params=params, score_fn=score, user_item_scores_fn=all_scores,
         item_vectors_fn=vectors, user_vocab=d.user_vocab, item_vocab=d.item_vocab,
         seen=seen_csr(d.seen[0], d.seen[1], nu), model_info=info, **extra, **kwargs)
+
+
+def _foldin_of(r, d: _RunData, num_items: int) -> foldin.FoldIn:
+    """The fold-in of a restored dot model: its item table (and bias) and the run's iALS
+    settings (``model.reg``, ``optimizer.unobserved_weight``/``reg_exponent``/
+    ``unobserved_exponent``: the trainer's values for an iALS run, the config's defaults
+    otherwise)."""
+    t = {k: np.asarray(v) for k, v in r.state.table_values().items()}
+    oc = r.cfg.optimizer
+    beta = float(oc.unobserved_exponent)
+    w = None
+    if beta:  # as ials.make_epoch: w_i ∝ (positives of i)^β, mean 1 over the items
+        f = np.bincount(np.asarray(d.seen[1], np.int64), minlength=num_items).astype(
+            np.float32) ** beta
+        w = (f * (num_items / f.sum())).astype(np.float32)
+    bias = t["item_bias"][:num_items, 0] if "item_bias" in t else None
+    return foldin.FoldIn(t["item_mf"][:num_items].astype(np.float32), bias, w,
+                         alpha0=float(oc.unobserved_weight), reg=float(r.cfg.model.reg),
+                         nu=float(oc.reg_exponent))
 
 
 def restore_params(checkpoint: str | os.PathLike, *, step: int | None = None,

@@ -36,7 +36,19 @@ SIG_RECOMMEND = "recommend"        # user[b] str, k [] i32 -> items[b,k] str, sc
 SIG_SIMILAR = "similar_items"      # item[b] str, k [] i32 -> items, scores, co_counts, known
 SIG_USER_SCORES = "user_scores"    # user[b] str -> scores[b, num_items] f32, known[b]
 SIG_DEFAULT = "serving_default"    # same function as ``recommend``
-SIGNATURES = (SIG_SCORE, SIG_RECOMMEND, SIG_SIMILAR, SIG_USER_SCORES, SIG_DEFAULT)
+# A shopper's recent items (a session): user[b] str ("" = anonymous), items[b,n] str (raw
+# ids, "" = padding), events[b,n] str (event type, "" = unknown), ts[b,n] f64 (unix s, 0 =
+# unknown) -> scores[b, num_items] f32 (seen and session items excluded), known[b] bool
+# (the user), session_known[b] i32 (session items the model knows, the ones it used).
+SIG_SESSION_SCORES = "session_scores"
+# The same inputs and k [] i32 -> items[b,k] str, scores[b,k], known[b], session_known[b].
+SIG_RECOMMEND_SESSION = "recommend_session"
+SIGNATURES = (SIG_SCORE, SIG_RECOMMEND, SIG_SIMILAR, SIG_USER_SCORES, SIG_DEFAULT,
+              SIG_SESSION_SCORES, SIG_RECOMMEND_SESSION)
+# How session_scores uses the session (metadata "session"."mode"): "foldin" (dot/iALS
+# models: the user vector solved from the items), "sequential" (the encoder runs on the last
+# max_len items), "exclude" (other models: the user's scores, session items excluded).
+SESSION_MODES = ("foldin", "sequential", "exclude")
 # Models of a ctr run only: user[b] str, item[b] str, one int32[b] per context feature
 # (metadata "context_features") -> one float32[b] per head (probability; a ``rating`` head's
 # value), known[b] bool.
