@@ -50,6 +50,20 @@ class TaskKind(Choice):
     rating = "rating"
     implicit = "implicit"
     ctr = "ctr"
+    next_item = "next_item"
+
+
+class NextItemLoss(Choice):
+    """``task.next_item.loss``: softmax over every item, or over shared sampled negatives
+    with the log-Q correction (``jaxreco.train.tasks.next_item``)."""
+    full = "full"
+    sampled = "sampled"
+
+
+class Crop(Choice):
+    """``task.next_item.crop``: which ``L+1`` items of a long history an example uses."""
+    last = "last"        # the latest L+1 (SASRec)
+    random = "random"    # a window ending at a uniformly drawn position, redrawn every step
 
 
 class NegativeSampler(Choice):
@@ -352,7 +366,33 @@ class EmbedMLPConfig:
     row_multiple: int = 128
 
 
+@dataclasses.dataclass
+class SequentialConfig:
+    """``model=sequential`` (``jaxreco/models/sequential.py``): SASRec-style encoder."""
+    name: str = "sequential"
+    max_len: int = 50               # L: the latest L items are the input
+    dim: int = 64
+    num_blocks: int = 2
+    num_heads: int = 1
+    ffn_dim: int = 0                # 0: dim
+    dropout: float = 0.2
+    events: bool = False            # event-type input (the data's ``event`` column)
+    gaps: bool = False              # time-gap input (the data's ``timestamp`` column)
+    init_std: float = 0.05
+    reg: float = 0.0                # λ‖e‖² of each valid position's input and target rows
+    row_multiple: int = 128
+
+
 # ----------------------------------------------------------------------------- training
+@dataclasses.dataclass
+class NextItemConfig:
+    """``task.kind=next_item`` options (``jaxreco.train.tasks.next_item``); the sampled
+    loss draws ``num_sampled`` shared negatives per batch from ``task.sampler`` (uniform, or
+    ∝ train count^``task.pop_alpha``)."""
+    loss: NextItemLoss = NextItemLoss.full
+    num_sampled: int = 256
+    crop: Crop = Crop.last
+
 @dataclasses.dataclass
 class TaskConfig:
     """What is learnt and how it is evaluated.
@@ -378,6 +418,7 @@ class TaskConfig:
     select: str = ""                # val metric for early stopping/best checkpoint (default:
                                     # rmse | ndcg@10 | auc); sampled protocol for implicit
     eval_chunk_elements: int = 33554432
+    next_item: NextItemConfig = dataclasses.field(default_factory=NextItemConfig)
 
 
 @dataclasses.dataclass
@@ -490,6 +531,7 @@ def register() -> None:
     cs.store(group="schema/prepare", name="default", node=PrepareConfig)
     cs.store(group="schema/model", name="mf", node=MFConfig)
     cs.store(group="schema/model", name="embed_mlp", node=EmbedMLPConfig)
+    cs.store(group="schema/model", name="sequential", node=SequentialConfig)
     cs.store(group="schema/optimizer", name="default", node=OptimizerConfig)
     cs.store(group="schema/trainer", name="default", node=TrainerConfig)
     cs.store(group="schema/mesh", name="default", node=MeshConfig)
@@ -588,6 +630,12 @@ TRAIN_RANGES: dict[str, Range] = {
     "task.ks[]": POSITIVE_INT,
     "task.eval_chunk_elements": POSITIVE_INT,
     "task.pop_alpha": NONNEGATIVE,
+    "task.next_item.num_sampled": POSITIVE_INT,
+    "model.max_len": POSITIVE_INT,
+    "model.num_blocks": COUNT,
+    "model.num_heads": POSITIVE_INT,
+    "model.ffn_dim": COUNT,
+    "model.dropout": FRACTION,
 }
 PREPARE_RANGES: dict[str, Range] = {
     "min_user_interactions": COUNT,

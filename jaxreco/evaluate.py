@@ -61,6 +61,9 @@ class RankingEvaluator:
         ``[users, items, width]`` activations hold about this many floats (a few MiB, so
         they stay in cache) inside one jitted loop per chunk; ``None`` runs it on the
         whole chunk at once (the same numbers, several times slower on CPU).
+      user_features: ``{feature: array [num_users, ...]}`` per-user inputs the model's
+        ``user_repr(rows, batch)`` reads besides ``user`` (e.g. a sequential model's recent
+        items ``seq_item``); each chunk's batch carries the rows of its users.
     """
 
     def __init__(self, graphdef, abstract_model, *, num_users: int, num_items: int, seen: tuple[np.ndarray, np.ndarray],
@@ -68,8 +71,10 @@ class RankingEvaluator:
                  candidates: Mapping[str, np.ndarray] | None,
                  item_side: Mapping[str, np.ndarray] | None = None,
                  ks: Sequence[int] = (10,), head: str | None = None,
-                 chunk_elements: int = 1 << 25, tower_elements: int | None = 1 << 19):
+                 chunk_elements: int = 1 << 25, tower_elements: int | None = 1 << 19,
+                 user_features: Mapping[str, np.ndarray] | None = None):
         self.graphdef = graphdef
+        self.user_features = {k: np.asarray(v) for k, v in (user_features or {}).items()}
         self.num_users, self.num_items = int(num_users), int(num_items)
         self.ks = tuple(sorted({int(k) for k in ks}))
         if not self.ks or self.ks[0] < 1:
@@ -112,8 +117,9 @@ class RankingEvaluator:
         model = _model(self.graphdef, state)
         return model.item_repr(_rows(model, state, item_batch))
 
-    def _user_reprs(self, model, state, users):
-        return model.user_repr(_rows(model, state, {"user": users}))
+    def _user_reprs(self, model, state, users, user_feats=None):
+        batch = {"user": users, **(user_feats or {})}
+        return model.user_repr(_rows(model, state, batch), batch)
 
     def _score_all(self, model, u, items):
         """``[C, N]`` scores of every user of ``u`` against all ``items``; the MLP tower
@@ -126,9 +132,9 @@ class RankingEvaluator:
         s = jax.lax.map(lambda blk: model.interact(blk, items, "all")[self.head], ub)
         return s.reshape(c, s.shape[-1])
 
-    def _full_chunk(self, state, items, users, seen_r, seen_c, rel, rel_mask):
+    def _full_chunk(self, state, items, users, seen_r, seen_c, rel, rel_mask, user_feats):
         model = _model(self.graphdef, state)
-        u = self._user_reprs(model, state, users)
+        u = self._user_reprs(model, state, users, user_feats)
         scores = self._score_all(model, u, items)
         c = users.shape[0]
         seen = jnp.zeros((c + 1, scores.shape[1]), bool).at[seen_r, seen_c].set(True)[:c]
@@ -137,9 +143,9 @@ class RankingEvaluator:
         top, valid = metrics_lib.top_k_candidates(scores, cand, self.ks[-1])
         return sums, top, valid
 
-    def _sampled_chunk(self, state, items, users, cand_items, valid_rows):
+    def _sampled_chunk(self, state, items, users, cand_items, valid_rows, user_feats):
         model = _model(self.graphdef, state)
-        u = self._user_reprs(model, state, users)
+        u = self._user_reprs(model, state, users, user_feats)
         it = jax.tree.map(lambda x: x[cand_items], items)
         scores = model.interact(u, it, "rows")[self.head]
         cand = jnp.broadcast_to(valid_rows[:, None], scores.shape)
@@ -196,9 +202,12 @@ class RankingEvaluator:
             rel_mask = self.rel_mask[uu].copy()
             rel_mask[n:] = False
             s, top, valid = self._jit_full(state, items, uu.astype(np.int32), seen_r, seen_c,
-                                           rel, rel_mask)
+                                           rel, rel_mask, self._user_feats(uu))
             sums = self._collect(sums, tops, valids, s, top, valid, n)
         return self._summarize(sums, tops, valids)
+
+    def _user_feats(self, users: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[users] for k, v in self.user_features.items()}
 
     @staticmethod
     def _collect(sums, tops, valids, s, top, valid, n):
@@ -230,7 +239,7 @@ class RankingEvaluator:
             cc = np.zeros((r, cand.shape[1]), np.int32)
             uu[:n], cc[:n] = cu[start:start + n], cand[start:start + n]
             ok = np.arange(r) < n
-            s, top, valid = self._jit_sampled(state, items, uu, cc, ok)
+            s, top, valid = self._jit_sampled(state, items, uu, cc, ok, self._user_feats(uu))
             sums = self._collect(sums, tops, valids, s, top, valid, n)
         return self._summarize(sums, tops, valids)
 

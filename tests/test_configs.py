@@ -269,7 +269,8 @@ def test_unknown_key_is_rejected_naming_it(override, key):
 
 
 @pytest.mark.parametrize("override, values", [
-    ("task.kind=implict", "rating, implicit, ctr"),
+    ("task.kind=implict", "rating, implicit, ctr, next_item"),
+    ("task.next_item.loss=softmax", "full, sampled"),
     ("task.sampler=pop", "uniform, popularity"),
     ("task.loss=mse", "bce, bpr"),
     ("optimizer.name=adamw", "sgd, adagrad, lazy_adam, adam, ials"),

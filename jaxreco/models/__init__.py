@@ -8,8 +8,9 @@ from flax import nnx
 
 from jaxreco.models.embed_mlp import EmbedMLP
 from jaxreco.models.mf import MF
+from jaxreco.models.sequential import Sequential
 
-MODELS = ("mf", "embed_mlp")
+MODELS = ("mf", "embed_mlp", "sequential")
 
 
 def pad_rows(n: int, multiple: int) -> int:
@@ -21,16 +22,20 @@ def build(cfg: Mapping[str, Any], *, num_users: int, num_items: int, global_bias
           seed: int, side_vocab: Mapping[str, int] | None = None,
           context_vocab: Mapping[str, int] | None = None,
           negatives: bool = False,
-          head_bias: Mapping[str, float] | None = None) -> Callable[[], nnx.Module]:
+          head_bias: Mapping[str, float] | None = None,
+          num_events: int = 1) -> Callable[[], nnx.Module]:
     """A constructor of the model ``cfg`` names.
 
     ``side_vocab`` / ``context_vocab``: ``{feature: vocabulary size}`` of the item-side and
     context features the data provides (``embed_mlp`` only); ``negatives``: the batches
     carry sampled ``neg_*`` item features; ``head_bias``: initial bias per head (e.g. the
-    log-odds of the training CTR, so a rare-click head starts calibrated).
+    log-odds of the training CTR, so a rare-click head starts calibrated); ``num_events``:
+    the event-type vocabulary (0 = unknown) the data gives ``sequential`` when
+    ``model.events`` is on.
     """
     name = cfg["name"]
     mult = int(cfg.get("row_multiple", 1) or 1)
+    real_items = int(num_items)
     num_users, num_items = pad_rows(num_users, mult), pad_rows(num_items, mult)
     if name == "mf":
         return lambda: MF(num_users, num_items, dim=int(cfg["dim"]),
@@ -45,4 +50,12 @@ def build(cfg: Mapping[str, Any], *, num_users: int, num_items: int, global_bias
             side_features=side, context_features=ctx, bias=bool(cfg["bias"]),
             heads=tuple(cfg["heads"]), init_std=float(cfg["init_std"]), negatives=negatives,
             global_bias=global_bias, head_bias=head_bias, rngs=nnx.Rngs(seed))
+    if name == "sequential":
+        return lambda: Sequential(
+            real_items, num_items,
+            max_len=int(cfg["max_len"]), dim=int(cfg["dim"]),
+            num_blocks=int(cfg["num_blocks"]), num_heads=int(cfg["num_heads"]),
+            ffn_dim=int(cfg["ffn_dim"] or cfg["dim"]), dropout=float(cfg["dropout"]),
+            num_events=int(num_events) if cfg["events"] else 1, use_gaps=bool(cfg["gaps"]),
+            init_std=float(cfg["init_std"]), rngs=nnx.Rngs(seed))
     raise ValueError(f"model.name={name!r} is unknown; known models: {list(MODELS)}")

@@ -12,11 +12,13 @@ from omegaconf import DictConfig
 from jaxreco.train.tasks.base import PreparedData, Task
 from jaxreco.train.tasks.ctr import CtrTask
 from jaxreco.train.tasks.implicit import ImplicitTask, row_norms
+from jaxreco.train.tasks.next_item import NextItemTask
 from jaxreco.train.tasks.rating import RatingTask
 
-TASKS: dict[str, type[Task]] = {"rating": RatingTask, "implicit": ImplicitTask, "ctr": CtrTask}
+TASKS: dict[str, type[Task]] = {"rating": RatingTask, "implicit": ImplicitTask, "ctr": CtrTask,
+                                "next_item": NextItemTask}
 
-__all__ = ["TASKS", "CtrTask", "ImplicitTask", "PreparedData", "RatingTask", "Task", "build",
+__all__ = ["TASKS", "CtrTask", "ImplicitTask", "NextItemTask", "PreparedData", "RatingTask", "Task", "build",
            "row_norms"]
 
 
