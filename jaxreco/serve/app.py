@@ -11,6 +11,7 @@ slow clients, too many connections -- are JSON too, see :mod:`jaxreco.serve.guar
 - ``POST /v1/models/{name}:predict``    TF Serving predict (``instances`` or ``inputs``).
 - ``POST /recommend``                   top-k for users, business rules applied, cold start.
 - ``POST /similar``                     items that go together with given items.
+- ``POST /complete``                    items that complete a cart (:mod:`jaxreco.serve.complete`).
 - ``POST /predict_ctr``                 click (per-head) probabilities of (user, item,
                                         context) rows; models exported from ctr runs.
 - ``POST /events``                      shopper events (impression, click, cart, purchase),
@@ -47,7 +48,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jaxreco.serve import layout
+from jaxreco.serve import complete, layout
 from jaxreco.serve.ab import DEFAULT_ARM, ABConfig
 from jaxreco.serve.events import EVENT_KINDS, EventLog, EventLogError, EventLogFull
 from jaxreco.serve.guard import ConcurrencyLimitMiddleware
@@ -220,7 +221,7 @@ def _recommend_batch(arms, payloads: list[dict]) -> list[dict]:
     results: list[list[dict | None]] = [[None] * len(p["users"]) for p in payloads]
     for a, pos in rows.items():
         name, model = arms[a]
-        scores, known = model.user_scores([payloads[i]["users"][r] or "" for i, r in pos])
+        scores, known, uses = _arm_scores(model, payloads, pos)
         promoted = model.rules.is_promoted
         j = 0
         while j < len(pos):  # the consecutive rows of one payload
@@ -238,6 +239,8 @@ def _recommend_batch(arms, payloads: list[dict]) -> list[dict]:
                                "promoted": bool(promoted[t])}
                               for t, v in zip(idx[n].tolist(), vals[n].tolist())],
                     "request_id": uuid.uuid4().hex, "arm": name, "model_version": model.version}
+                if uses[j + n] is not None:
+                    results[i][r]["session"] = uses[j + n]
             j = e
     out = []
     for p, res in zip(payloads, results):
@@ -249,8 +252,48 @@ def _recommend_batch(arms, payloads: list[dict]) -> list[dict]:
         used = [arms[a][1] for a in sorted(set(p.get("arms") or [0]))]
         body["unknown_exclude_items"] = _distinct(
             x for x in p["exclude_items"] if any(x not in m.item_index for m in used))
+        if p.get("session") is not None:
+            body["unknown_session_items"] = _distinct(
+                e[0] for e in p["session"] if any(e[0] not in m.item_index for m in used))
         out.append(body)
     return out
+
+
+def _arm_scores(model: ServedModel, payloads: list[dict], pos: list[tuple[int, int]]):
+    """``(scores [n, I], known [n], session use per row or None)`` of one arm's rows:
+    ``user_scores`` for rows without a session of events, ``session_scores`` (one call) for
+    the rest. A session keeps its known items, the latest ``model.session_cap`` of them."""
+    users = [payloads[i]["users"][r] or "" for i, r in pos]
+    with_s = [j for j, (i, _) in enumerate(pos) if payloads[i].get("session") is not None]
+    uses: list[dict | None] = [None] * len(pos)
+    if not with_s:
+        scores, known = model.user_scores(users)
+        return scores, known, uses
+    if not model.has_session:
+        raise SessionUnsupported(
+            f"model version {model.version} was exported without the session_scores "
+            "signature: export it again (jaxreco-export) to serve sessions")
+    plain = [j for j in range(len(pos)) if j not in set(with_s)]
+    scores = np.empty((len(pos), model.num_items), np.float32)
+    known = np.zeros(len(pos), bool)
+    if plain:
+        scores[plain], known[plain] = model.user_scores([users[j] for j in plain])
+    cut = []
+    for j in with_s:
+        sess = payloads[pos[j][0]]["session"]
+        ok = [e for e in sess if e[0] in model.item_index]
+        keep = ok[-model.session_cap:]
+        cut.append(keep)
+        uses[j] = {"mode": model.session_meta.get("mode", "exclude"), "events": len(sess),
+                   "used": len(keep), "unknown_items": len(sess) - len(ok),
+                   "truncated": len(ok) - len(keep), "limit": model.session_cap}
+    s, k, _ = model.session_scores([users[j] for j in with_s], cut)
+    scores[with_s], known[with_s] = s, k
+    return scores, known, uses
+
+
+class SessionUnsupported(ValueError):
+    """The serving model has no session_scores signature (exported before sessions)."""
 
 
 def _distinct(ids) -> list[str]:
@@ -319,12 +362,22 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
 
     class RecommendRequest(_Body):
         """Exactly one of ``user`` and ``users``; or only a ``session`` (one anonymous
-        shopper, answered with the cold-start list)."""
+        shopper). A ``session`` given as a list of events drives the answer (fold-in or the
+        sequential encoder; an id only names the session)."""
         user: Id | None = None
         users: list[Id] | None = Field(None, max_length=config.max_batch)
-        session: Id | None = Field(None, description=(
-            "The shopper's session id: the A/B key of an anonymous shopper (no user), and "
-            "recorded with the served list."))
+        session: Id | list[Any] | None = Field(None, description=(
+            "Either the shopper's session id (the A/B key of an anonymous shopper, recorded "
+            "with the served list), or the session's events, oldest first: [{\"item\": id, "
+            "\"event\": \"view\"|\"click\"|\"cart\"|\"purchase\"|..., \"ts\": unix s, "
+            "\"platform\": \"app\"|\"web\"|...}, ...] (item required). The answer is computed "
+            "from these items (and the user's history when 'user' is known, e.g. after a "
+            "login); they and the user's training items are not recommended."),
+            json_schema_extra={"example": [{"item": "2858", "event": "click",
+                                            "ts": 1767225600, "platform": "app"}]})
+        session_id: Id | None = Field(None, description=(
+            "The session id when 'session' is a list of events (the A/B key of an anonymous "
+            "shopper)."))
         k: StrictInt = Field(10, ge=1, le=config.max_k)
         exclude_items: list[Id] = Field(default_factory=list, max_length=config.max_exclude,
                                         description="Items not to recommend in this request.")
@@ -358,6 +411,18 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         score: float
         promoted: bool
 
+    class SessionUse(BaseModel):
+        mode: str = Field(description="foldin (the user vector solved from the items), "
+                                      "sequential (the encoder on the last items) or exclude "
+                                      "(the user's own scores, session items excluded).")
+        events: int = Field(description="Events in the request's session.")
+        used: int = Field(description="Items the model was given (known, the latest ones).")
+        unknown_items: int = Field(description="Events whose item the model does not know "
+                                               "(skipped).")
+        truncated: int = Field(description="Known events older than the latest 'limit' "
+                                           "(dropped).")
+        limit: int = Field(description="The most recent known items the model takes.")
+
     class UserResult(BaseModel):
         user: str | None = Field(description="null for an anonymous shopper (a session only).")
         cold_start: bool = Field(description="Unknown user: the items are the most popular ones.")
@@ -365,6 +430,8 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         request_id: str = Field(description="Names this list in POST /events (uuid4 hex).")
         arm: str = Field(description="The A/B arm that served it ('default' without arms).")
         model_version: int
+        session: SessionUse | None = Field(None, description=(
+            "With a session of events: how the model used it."))
 
     class RecommendResponse(BaseModel):
         model_version: int | None = Field(None, description="When all results share one.")
@@ -374,6 +441,8 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
             "the id format of the training data (docs/serving.md, 'Ids')."))
         unknown_exclude_items: list[str] = Field(description=(
             "exclude_items the model does not know (nothing to exclude for them)."))
+        unknown_session_items: list[str] | None = Field(None, description=(
+            "With a session of events: its items the model does not know (skipped)."))
 
     class SimilarItem(BaseModel):
         item: str
@@ -598,8 +667,10 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         return await _predict(name, version, req)
 
     # ---------------------------------------------------------------- recommendations
-    def _log_served(out: dict, session: str | None) -> None:
-        """One ``served`` record per result, queued before the answer leaves."""
+    def _log_served(out: dict, session: str | None, events: list[dict] | None = None,
+                    platform: str | None = None) -> None:
+        """One ``served`` record per result, queued before the answer leaves (with the
+        session's events and the platform of its latest event, when given)."""
         ts = time.time()
         records = []
         for res in out["results"]:
@@ -613,6 +684,10 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
                             "model_version": res["model_version"],
                             "items": [x["item"] for x in res["items"]], "replica": replica,
                             "split": split_map, "salt": ab.salt})
+            if events is not None:
+                records[-1]["session_events"] = events
+            if platform is not None:
+                records[-1]["platform"] = platform
         if records:
             try:
                 event_log.submit(records)
@@ -630,7 +705,19 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
                 version = next(a.version for a in ab.arms if a.name == name)
                 raise ApiError(503, f"arm {name!r} (model version {version}) is not serving: "
                                     f"{manager.pinned_problem()}")
-        session = None if req.session is None else _ids_check([req.session], "session")[0]
+        events = None
+        if isinstance(req.session, list):
+            if req.users is not None:
+                raise ApiError(400, "session: a session of events belongs to one shopper: "
+                                    "give 'user' (or no user), not 'users'")
+            events = _session_events(req.session, config)
+            sid = req.session_id
+        else:
+            if req.session_id is not None:
+                raise ApiError(400, "session_id: goes with a session of events; give the id "
+                                    "alone as 'session'")
+            sid = req.session
+        session = None if sid is None else _ids_check([sid], "session")[0]
         if req.user is None and not req.users:
             users: list[str | None] = [None]  # one anonymous shopper
         else:
@@ -639,9 +726,15 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         for a in sorted(set(arm_of)):
             _check_k(req.k, arms[a][1].num_items)
         payload = {"users": users, "arms": arm_of, "k": req.k,
-                   "exclude_items": _ids_check(req.exclude_items, "exclude_items")}
-        out = await batcher.submit(payload, len(users))
-        _log_served(out, session)
+                   "exclude_items": _ids_check(req.exclude_items, "exclude_items"),
+                   "session": None if events is None else [
+                       (e["item"], e.get("event"), e.get("ts")) for e in events]}
+        try:
+            out = await batcher.submit(payload, len(users))
+        except SessionUnsupported as e:
+            raise ApiError(400, str(e)) from None
+        platform = next((e["platform"] for e in reversed(events or []) if "platform" in e), None)
+        _log_served(out, session, events, platform)
         return _json(out)
 
     @app.post("/similar", response_model=SimilarResponse, responses=errors)
@@ -750,6 +843,8 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
     app.add_middleware(RequestGuardMiddleware, limit=config.max_body_bytes,
                        path_limits={"/events": config.max_events_body_bytes})
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes_of=lambda: app.router.routes)
+    app.include_router(complete.make_router(_model, executor, max_items=config.max_exclude,
+                                            max_k=config.max_k))
     return app
 
 
@@ -773,6 +868,9 @@ def events_schema(config: ServeConfig) -> dict:
             "value": {"type": ["number", "null"], "minimum": 0,
                       "description": "Order value; required for a purchase."},
             "quantity": {"type": ["integer", "null"], "minimum": 1},
+            "platform": {"type": ["string", "null"], "minLength": 1, "maxLength": 64,
+                         "description": "Where it happened: app, web, ... (per-platform "
+                                        "figures in jaxreco-report)."},
         },
     }
     return {"type": "object", "required": ["events"], "additionalProperties": False,
@@ -786,7 +884,60 @@ def events_schema(config: ServeConfig) -> dict:
 
 
 EVENT_FIELDS = ("event_id", "kind", "request_id", "ts", "user", "session", "items", "item",
-                "position", "value", "quantity")
+                "position", "value", "quantity", "platform")
+SESSION_EVENT_FIELDS = ("item", "event", "ts", "platform")
+
+
+def _session_events(session: list, config: ServeConfig) -> list[dict]:
+    """The events of a ``/recommend`` session (``[{"item", "event", "ts", "platform"}...]``,
+    oldest first), or a 422 :class:`ApiError` naming the first bad one
+    (``session[3].ts=-1: must be >= 0``)."""
+    if len(session) > config.max_events:
+        raise ApiError(422, f"session: {len(session)} events; at most {config.max_events} (the "
+                            "server uses the latest ones anyway)")
+    out, last_ts = [], None
+    for i, ev in enumerate(session):
+        where = f"session[{i}]"
+        if not isinstance(ev, dict):
+            raise ApiError(422, f"{where}={_show(ev)}: must be an object {{\"item\": id, "
+                                "\"event\": type, \"ts\": unix s, \"platform\": name}")
+        for k in ev:
+            if k not in SESSION_EVENT_FIELDS:
+                raise ApiError(422, f"{where}.{str(k)[:50]}: unknown field; a session event has "
+                                    f"{list(SESSION_EVENT_FIELDS)}")
+        if ev.get("item") is None:
+            raise ApiError(422, f"{where}.item: field required (the item the shopper saw)")
+        item = ev["item"]
+        if (not isinstance(item, (str, int)) or isinstance(item, bool) or item == ""
+                or len(str(item)) > config.max_id_chars):
+            raise ApiError(422, f"{where}.item={_show(item)}: must be an id: a non-empty string "
+                                f"or an integer of at most {config.max_id_chars} characters")
+        rec: dict[str, Any] = {"item": str(item)}
+        for field in ("event", "platform"):
+            v = ev.get(field)
+            if v is None:
+                continue
+            if not isinstance(v, str) or not v or len(v) > 64:
+                raise ApiError(422, f"{where}.{field}={_show(v)}: must be a non-empty string of at "
+                                    "most 64 characters")
+            rec[field] = v
+        t = ev.get("ts")
+        if t is not None:
+            ok = not isinstance(t, bool) and isinstance(t, (int, float))
+            try:
+                ok = ok and math.isfinite(float(t))
+            except OverflowError:
+                ok = False
+            if not ok or t < 0:
+                raise ApiError(422, f"{where}.ts={_show(t)}: must be a finite number >= 0 (unix "
+                                    "seconds)")
+            if last_ts is not None and t < last_ts:
+                raise ApiError(422, f"{where}.ts={_show(t)}: earlier than the event before it "
+                                    f"({_show(last_ts)}); send a session oldest first")
+            last_ts = t
+            rec["ts"] = float(t)
+        out.append(rec)
+    return out
 
 
 def _show(v: Any) -> str:
@@ -871,6 +1022,10 @@ def _event_record(i: int, ev: Any, config: ServeConfig) -> dict:
                            "ts": number("ts", 0, integer=False)}
     for field in ("user", "session"):
         rec[field] = None if ev.get(field) is None else id_(field, ev[field])
+    if ev.get("platform") is not None:
+        if not isinstance(ev["platform"], str) or not ev["platform"] or len(ev["platform"]) > 64:
+            bad("platform", "must be a non-empty string of at most 64 characters (app, web, ...)")
+        rec["platform"] = ev["platform"]
     if kind == "impression":
         if ev.get("item") is not None:
             bad("item", "an impression lists the items shown in 'items'; 'item' is for "

@@ -42,6 +42,12 @@ from jaxreco.serve.rules import BusinessRules, CompiledRules  # noqa: E402
 log = logging.getLogger(__name__)
 
 
+# The most recent known session items a fold-in or exclude-only model is given (a sequential
+# model takes its own max_len): fold-in costs O(n d² + d³) per request, and a shopper's last
+# 100 items say what the session is about.
+SESSION_CAP = 100
+
+
 class PredictError(ValueError):
     """A request the model cannot run (bad input names, shapes, values)."""
 
@@ -181,6 +187,11 @@ class ServedModel:
         self.has_predict_ctr = layout.SIG_PREDICT_CTR in self.signatures
         self.heads = list(self.meta.get("heads") or [])
         self.context_features = dict(self.meta.get("context_features") or {})
+        # session_scores (exported since sessions came in): how it uses a session, and the
+        # most recent known session items it is given (a longer session is cut to these)
+        self.has_session = layout.SIG_SESSION_SCORES in self.signatures
+        self.session_meta = dict(self.meta.get("session") or {"mode": "exclude"})
+        self.session_cap = int(self.session_meta.get("max_len") or SESSION_CAP)
         self.rules = CompiledRules.compile(rules or BusinessRules(), self.item_index,
                                            self.num_items, self.item_category)
 
@@ -207,6 +218,8 @@ class ServedModel:
             self.signatures[layout.SIG_SIMILAR](item=ids, k=tf.constant(1))
             if self.has_predict_ctr:
                 self.signatures[layout.SIG_PREDICT_CTR](user=ids, item=ids, **self._ctx_fill(b))
+            if self.has_session:
+                self.session_scores([""] * b, [[("", "", 0.0)]] * b)
 
     # ------------------------------------------------------------------ queries
     def user_scores(self, users: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -215,6 +228,27 @@ class ServedModel:
         padded = users + [""] * (_bucket(n, self.max_batch) - n)
         out = self.signatures[layout.SIG_USER_SCORES](user=tf.constant(padded))
         return out["scores"].numpy()[:n], out["known"].numpy()[:n]
+
+    def session_scores(self, users: list[str], sessions: list[list[tuple[str, str, float]]]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(scores float32 [b, num_items], known bool [b], session_known int32 [b])`` for
+        raw user ids ("" = anonymous) and each one's session ``[(item, event, ts), ...]``,
+        oldest first (the caller cuts it to :attr:`session_cap`). The batch and the session
+        width are padded to powers of two."""
+        n = len(users)
+        b = _bucket(n, self.max_batch)
+        width = _bucket(max([len(x) for x in sessions] + [1]), 1 << 30)
+        items = np.full((b, width), "", dtype=object)
+        events = np.full((b, width), "", dtype=object)
+        ts = np.zeros((b, width), np.float64)
+        for r, sess in enumerate(sessions):
+            for j, (it, ev, t) in enumerate(sess):
+                items[r, j], events[r, j], ts[r, j] = it, ev or "", t or 0.0
+        out = self.signatures[layout.SIG_SESSION_SCORES](
+            user=tf.constant(list(users) + [""] * (b - n)), items=tf.constant(items.tolist()),
+            events=tf.constant(events.tolist()), ts=tf.constant(ts))
+        return (out["scores"].numpy()[:n], out["known"].numpy()[:n],
+                out["session_known"].numpy()[:n])
 
     def similar(self, items: list[str], k: int) -> dict[str, np.ndarray]:
         n = len(items)
@@ -288,11 +322,12 @@ class ServedModel:
             pad = _bucket(batch, self.max_batch) - batch
             if pad:  # ids pad with "" (unknown), context features with their default
                 def filler(n, t):
+                    shape = tf.concat([[pad], tf.shape(t)[1:]], 0)
                     if t.dtype == tf.string:
-                        return tf.fill([pad], "")
+                        return tf.fill(shape, "")
                     d = self.context_features.get(n, {}).get("default", 0)
-                    return tf.fill([pad], tf.constant(d, t.dtype))
-                tensors = {n: (tf.concat([t, filler(n, t)], 0) if specs[n].shape.rank == 1 else t)
+                    return tf.fill(shape, tf.constant(d, t.dtype))
+                tensors = {n: (tf.concat([t, filler(n, t)], 0) if specs[n].shape.rank >= 1 else t)
                            for n, t in tensors.items()}
         try:
             out = self.signatures[signature](**tensors)
@@ -308,6 +343,14 @@ class ServedModel:
 
 
 def _to_tensor(value, spec: tf.TensorSpec, name: str) -> tf.Tensor:
+    if spec.shape.rank == 2:  # [b, n]: one list per example, all of one length
+        rows = value if isinstance(value, list) else [value]
+        if not all(isinstance(r, list) for r in rows) or len({len(r) for r in rows}) > 1:
+            raise PredictError(f"input '{name}' takes one list per example, all of the same "
+                               f"length (pad with \"\" or 0)")
+        width = len(rows[0]) if rows else 0
+        flat = _to_tensor([v for r in rows for v in r], tf.TensorSpec([None], spec.dtype), name)
+        return tf.reshape(flat, [len(rows), width])
     vals = value if isinstance(value, list) else [value]
     if spec.dtype == tf.string:
         bad = next((v for v in vals if isinstance(v, bool) or not isinstance(v, (str, int))), None)
