@@ -162,10 +162,9 @@ def symmetric_noise(key: jax.Array, d: int) -> jax.Array:
 def item_noise(key: jax.Array, item: jax.Array, d: int):
     """The standard-normal draws of item ``item``'s block: (Gram ``[d, d]``, RHS ``[d]``,
     count ``[]``)."""
-    k = jax.random.fold_in(key, item)
-    kg, kb, kn = jax.random.split(k, 3)
-    return (symmetric_noise(kg, d), jax.random.normal(kb, (d,), jnp.float32),
-            jax.random.normal(kn, (), jnp.float32))
+    z = jax.random.normal(jax.random.fold_in(key, item), (d * d + d + 1,), jnp.float32)
+    n = z[:d * d].reshape(d, d)
+    return 0.5 * (n + n.T), z[d * d:d * d + d], z[-1]
 
 
 def with_empty_rows(side: ials.Side, *, pad_row: int, dim: int,
@@ -187,6 +186,20 @@ def with_empty_rows(side: ials.Side, *, pad_row: int, dim: int,
                                counts=side.counts + (counts,))
 
 
+def noisy_item_statistics(y_pad, cols, rows, num_users: int, *, key, noise_std, clip_norm):
+    """``(Ĝ_i, b̂_i, n̂_i)`` of the items ``rows`` (``[R]``) whose sampled users are ``cols``
+    (``[R, L]``, padding ``num_users``: the zero row of ``y_pad``): the exact sums over the
+    clipped user rows plus ``σ·`` :func:`item_noise` (the count's noise is ``σ / C``: it is
+    released as ``C · n_i``)."""
+    d = y_pad.shape[1]
+    yc = y_pad[cols]                                               # [R, L, d]
+    g = jnp.einsum("rld,rle->rde", yc, yc, precision=HIGHEST)
+    b = jnp.sum(yc, axis=1)
+    n = jnp.sum((cols < num_users).astype(jnp.float32), axis=1)
+    gn, bn, nn = jax.vmap(lambda i: item_noise(key, i, d))(rows)
+    return g + noise_std * gn, b + noise_std * bn, n + (noise_std / clip_norm) * nn
+
+
 def dp_item_solve(q_table, p_clipped, side: dict, num_items: int, num_users: int, *,
                   alpha0: float, reg: float, nu: float, clip_norm: float, noise_std,
                   key: jax.Array):
@@ -204,14 +217,9 @@ def dp_item_solve(q_table, p_clipped, side: dict, num_items: int, num_users: int
 
         def chunk(args):
             c, r = args
-            yc = y_pad[c]                                              # [R, L, d]
-            g = jnp.einsum("rld,rle->rde", yc, yc, precision=HIGHEST)
-            b = jnp.sum(yc, axis=1)
-            n = jnp.sum((c < num_users).astype(jnp.float32), axis=1)
-            gn, bn, nn = jax.vmap(lambda i: item_noise(k_items, i, d))(r)
-            g = g + noise_std * gn + alpha0 * gram
-            b = b + noise_std * bn
-            n = n + (noise_std / clip_norm) * nn
+            g, b, n = noisy_item_statistics(y_pad, c, r, num_users, key=k_items,
+                                            noise_std=noise_std, clip_norm=clip_norm)
+            g = g + alpha0 * gram
             lam = reg * (jnp.maximum(n, 0.0) + alpha0 * n_users) ** nu
             e, v = jnp.linalg.eigh(g)
             coef = jnp.einsum("rde,rd->re", v, b, precision=HIGHEST) / (
