@@ -59,12 +59,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxreco import export_models, foldin
-from jaxreco.data.prepare import load_table
+from jaxreco.data.prepare import load_split, load_table
 from jaxreco.models.embed_mlp import EmbedMLP
 from jaxreco.models.mf import MF
+from jaxreco.models.sequential import Sequential
 from jaxreco.serve import layout
 
 from jaxreco.run import restore_run
+from jaxreco.scenarios import basket
 
 # Versions the round trip was checked with (jax2tf native serialization -> TF deserializer).
 TESTED_JAX = "0.10.2"
@@ -96,9 +98,10 @@ class SessionModel:
     gaps float32[b, L]) -> [b, d]`` (items left-padded with -1, the latest at L-1) and
     ``item_vectors [num_items, d]``; the scores are ``encode(...) · item_vectorsᵀ``. The
     sequence is the user's last training items (``history``: CSR ``(indptr [U+1], item
-    indices, event indices, timestamps)`` in (timestamp, row) order; anonymous: none)
-    followed by the session's known items, cut to its last ``max_len``. ``event_vocab``
-    names event types 1.. (index 0 = unknown).
+    indices, event indices, timestamps, gaps)`` in (timestamp, row) order, the gaps as the
+    trainer computed them; anonymous: none) followed by the session's known items (gap:
+    seconds since the event before, 0 where a timestamp is unknown), cut to its last
+    ``max_len``. ``event_vocab`` names event types 1.. (index 0 = unknown).
     """
 
     mode: str
@@ -307,6 +310,8 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
                                                name="hist_events")
                 self.hist_ts = tf.Variable(np.asarray(h[3], np.float64), trainable=False,
                                            name="hist_ts")
+                self.hist_gaps = tf.Variable(np.asarray(h[4], np.float32), trainable=False,
+                                             name="hist_gaps")
             vocab = list(session.event_vocab)
             self.event_index = tf.lookup.StaticHashTable(
                 tf.lookup.KeyValueTensorInitializer(
@@ -444,12 +449,23 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
             pos = tf.ragged.range(starts, limits)
             h_items = tf.gather(self.hist_items, pos)
             h_events = tf.gather(self.hist_events, pos)
-            h_ts = tf.gather(self.hist_ts, pos)
+            h_gaps = tf.gather(self.hist_gaps, pos)
+            last_ts = tf.where(limits > starts,
+                               tf.gather(self.hist_ts, tf.maximum(limits - 1, 0)), 0.0)
             s_items = tf.ragged.boolean_mask(tf.cast(idx, tf.int32), valid)
             s_events = tf.ragged.boolean_mask(self.event_index.lookup(events), valid)
             s_ts = tf.ragged.boolean_mask(ts, valid)
+            # a session item's gap: seconds since the event before it (the user's last
+            # training item for the first one), 0 where either time is unknown
+            flat = s_ts.flat_values
+            rows = s_ts.value_rowids()
+            first = tf.range(tf.size(flat, out_type=tf.int64)) == tf.gather(s_ts.row_starts(), rows)
+            prev = tf.where(first, tf.gather(last_ts, rows),
+                            tf.concat([tf.zeros([1], tf.float64), flat[:-1]], 0))
+            gap = tf.where((prev > 0) & (flat > 0), tf.maximum(flat - prev, 0.0), 0.0)
+            s_gaps = s_ts.with_flat_values(tf.cast(gap, tf.float32))
             seq = [tf.concat([h, x], axis=1)[:, -L:] for h, x in
-                   ((h_items, s_items), (h_events, s_events), (h_ts, s_ts))]
+                   ((h_items, s_items), (h_events, s_events), (h_gaps, s_gaps))]
             n = seq[0].row_lengths()
             j = tf.range(L, dtype=tf.int64)[None, :] - (L - n)[:, None]  # right -> left pad
 
@@ -458,13 +474,7 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
                     [tf.shape(n, tf.int64)[0], L]))
                 return tf.where(j >= 0, tf.gather(dense, tf.maximum(j, 0), batch_dims=1),
                                 tf.cast(fill, dense.dtype))
-            items_l = left(seq[0], -1)
-            events_l = left(seq[1], 0)
-            ts_l = left(seq[2], 0.0)
-            prev = tf.concat([tf.zeros_like(ts_l[:, :1]), ts_l[:, :-1]], axis=1)
-            ok = (j >= 1) & (ts_l > 0) & (prev > 0)
-            gaps = tf.cast(tf.where(ok, tf.maximum(ts_l - prev, 0.0), 0.0), tf.float32)
-            return self._jax_encode(items_l, events_l, gaps)
+            return self._jax_encode(left(seq[0], -1), left(seq[1], 0), left(seq[2], 0.0))
 
         def _session_inputs(self, items, events, ts):
             same = tf.debugging.Assert(
@@ -590,6 +600,7 @@ def export_saved_model(
     verify: bool = True,
     overwrite: bool = False,
     session: SessionModel | None = None,
+    assets_extra: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Writes ``<out_dir>/<version>/`` (a SavedModel) and returns that path.
 
@@ -612,6 +623,8 @@ def export_saved_model(
       co_counts: optional CSR ``(indptr [I+1], indices, data)`` of co-purchase counts
         (items bought in the same basket); ranks ``similar_items`` before cosine.
       model_info: extra JSON-serializable metadata stored in ``assets.extra/jaxreco.json``.
+      assets_extra: ``{file name: bytes}`` written under ``assets.extra/`` before the
+        version appears (e.g. the complete-the-cart files of :mod:`jaxreco.scenarios.basket`).
       predict_fn: optional ``(params, user_idx int32[b], item_idx int32[b], context
         {feature: int32[b]}) -> {head: float[b]}`` logits of every head in ``heads``; adds
         the ``predict_ctr`` signature (probabilities; a ``rating`` head's value as is).
@@ -742,6 +755,10 @@ def export_saved_model(
         }
         (saved / "assets.extra").mkdir(exist_ok=True)
         (saved / "assets.extra" / layout.METADATA_FILE).write_text(json.dumps(meta, indent=2))
+        for name, data in (assets_extra or {}).items():
+            if name == layout.METADATA_FILE or "/" in name or name.startswith("."):
+                raise ExportError(f"assets_extra: bad file name {name!r}")
+            (saved / "assets.extra" / name).write_bytes(data)
         del module
         if verify:
             _verify(tf, saved, params, score_fn, user_vocab, item_vocab, predict_fn, heads,
@@ -776,15 +793,16 @@ def _check_session(session: SessionModel | None, num_users: int,
         if v.ndim != 2 or v.shape[0] != num_items:
             raise ExportError(f"session.item_vectors must be [{num_items}, d]; got {v.shape}")
         h = session.history
-        if h is None or len(h) != 4:
-            raise ExportError("session.history must be (indptr, items, events, ts)")
+        if h is None or len(h) != 5:
+            raise ExportError("session.history must be (indptr, items, events, ts, gaps)")
         indptr = np.asarray(h[0])
         if indptr.shape != (num_users + 1,) or indptr[0] != 0 or indptr[-1] != len(h[1]) \
                 or np.any(np.diff(indptr) < 0):
             raise ExportError(f"session.history indptr must be [{num_users + 1}], from 0 to "
                               f"len(items)={len(h[1])}, never decreasing")
-        if not len(h[1]) == len(h[2]) == len(h[3]):
-            raise ExportError("session.history items, events and ts must have one entry each")
+        if not len(h[1]) == len(h[2]) == len(h[3]) == len(h[4]):
+            raise ExportError("session.history items, events, ts and gaps must have one "
+                              "entry each")
     return session
 
 
@@ -928,7 +946,9 @@ def _run_data(task) -> _RunData:
     if "category" in item_f:
         names = task.meta.get("category_vocab")
         idx = np.asarray(item_f["category"]).astype(np.int64)
-        category = ["" if c < 0 else (str(names[c]) if names else str(c)) for c in idx.tolist()]
+        if (idx >= 0).any():   # a dataset without categories has -1 everywhere: none exported
+            category = ["" if c < 0 else (str(names[c]) if names else str(c))
+                        for c in idx.tolist()]
     return _RunData(dataset=str(task.meta["dataset"]),
                     user_vocab=load_table(task.path, "user_vocab")["raw_id"].astype(str),
                     item_vocab=load_table(task.path, "item_vocab")["raw_id"].astype(str),
@@ -937,7 +957,8 @@ def _run_data(task) -> _RunData:
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: int,
-               *, step: int | None = None, **kwargs) -> Path:
+               *, step: int | None = None, complement: str | os.PathLike | None = None,
+               **kwargs) -> Path:
     """Exports a run directory written by ``jaxreco-train``: any model the trainer trains.
 
     The run is restored with :func:`jaxreco.run.restore_run` (its ``config.yaml``, the
@@ -955,7 +976,13 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: 
       most frequent value in the training split (recorded in the metadata).
 
     Items' categories (``item_features.category``, named by ``metadata.category_vocab``)
-    go to ``item_category.txt`` for the server's per-category cap. ``kwargs`` go to
+    go to ``item_category.txt`` for the server's per-category cap and ``/complete`` (when
+    the dataset has categories: some item's is known). When the training split has baskets
+    (an ``order_id`` column, e.g. ``instacart-sample``; ``prepare.dedup=none`` keeps every
+    order line), their co-purchase counts rank ``similar_items`` and go to
+    ``assets.extra/co_purchase.npz`` for ``/complete``; ``complement``, a model written by
+    ``python -m jaxreco.complement``, goes to
+    ``assets.extra/complement.npz``, matched to the run's items by raw id. ``kwargs`` go to
     :func:`export_saved_model` (``model_info`` is merged into the run's own).
     """
     run_dir = Path(run_dir)
@@ -998,15 +1025,87 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: 
                      "context_defaults": fns.context_defaults}
         elif model.context:
             info["context_defaults"] = fns.context_defaults
+    elif isinstance(model, Sequential):
+        seq = export_models.sequential_functions(
+            r.graphdef, r.state.tables, r.state.dense, num_users=nu, num_items=ni,
+            user_seq=r.task.user_features(), use_events=bool(r.cfg.model.events),
+            use_gaps=bool(r.cfg.model.gaps))
+        fns = seq.functions
+        params, score, all_scores, vectors = (fns.params, fns.score_fn,
+                                              fns.user_item_scores_fn, fns.item_vectors_fn)
+        info.update(head=fns.heads[0], item_vectors=fns.item_vectors, max_len=seq.max_len)
+        kwargs.setdefault("session", SessionModel(
+            "sequential", encode_fn=seq.encode_fn, item_vectors=seq.item_vectors,
+            max_len=seq.max_len, use_gaps=seq.use_gaps,
+            event_vocab=_event_vocab(r.task) if seq.use_events else (),
+            history=_history(r.task, seq.max_len)))
     else:
         raise ExportError(f"{run_dir}: model.name={r.cfg.model.name!r} "
-                          f"({type(model).__name__}); export_run exports mf and embed_mlp")
+                          f"({type(model).__name__}); export_run exports mf, embed_mlp and "
+                          "sequential")
     info.update(kwargs.pop("model_info", {}) or {})
     kwargs.setdefault("item_category", d.item_category)
+    files = dict(kwargs.pop("assets_extra", None) or {})
+    schema = (r.task.meta.get("schema") or {}).get("interactions") or {}
+    if "order_id" in schema:
+        tr = load_split(r.task.path, "train",
+                        ["order_id", "item"] + (["label"] if "label" in schema else []))
+        pos = np.asarray(tr["label"]) > 0 if "label" in tr else slice(None)
+        order, item = np.asarray(tr["order_id"])[pos], np.asarray(tr["item"])[pos]
+        co = co_purchase_counts(order, item, ni)
+        kwargs.setdefault("co_counts", co)
+        files[basket.CO_PURCHASE_FILE] = basket.CoPurchaseStats.from_lines(
+            order, item, ni, co).to_bytes()
+    if complement is not None:
+        try:
+            files[basket.COMPLEMENT_FILE] = basket.BasketModel.load(complement).reindexed(
+                d.item_vocab).to_bytes()
+        except basket.ComplementError as e:
+            raise ExportError(f"complement={complement}: {e}") from e
     return export_saved_model(
         out_dir, version, params=params, score_fn=score, user_item_scores_fn=all_scores,
         item_vectors_fn=vectors, user_vocab=d.user_vocab, item_vocab=d.item_vocab,
-        seen=seen_csr(d.seen[0], d.seen[1], nu), model_info=info, **extra, **kwargs)
+        seen=seen_csr(d.seen[0], d.seen[1], nu), model_info=info, assets_extra=files,
+        **extra, **kwargs)
+
+
+# Names of the prepared data's event codes 0, 1, 2, 3 (the funnel stages of the synthetic
+# e-commerce generator and the event logs: shown, clicked, carted, bought), unless the
+# prepared metadata names them (``event_vocab``).
+EVENT_NAMES = ("view", "click", "cart", "purchase")
+
+
+def _event_vocab(task) -> list[str]:
+    """The names of the sequential model's event types 1.. (data event code + 1)."""
+    n = int(task.num_events) - 1
+    names = list(task.meta.get("event_vocab") or EVENT_NAMES)
+    if n > len(names):
+        names += [f"event_{c}" for c in range(len(names), n)]
+    return [str(x) for x in names[:n]]
+
+
+def _history(task, max_len: int) -> tuple:
+    """Each user's latest ``max_len`` train interactions as the sequential task orders
+    them: CSR ``(indptr, items, events, timestamps, gaps)``."""
+    ts = task.train_timestamps()
+    user = np.asarray(task.split["train"]["user"])[task._train_rows]
+    return history_csr(task.seq, user, ts, max_len)
+
+
+def history_csr(seq, user: np.ndarray, timestamp: np.ndarray | None, max_len: int) -> tuple:
+    """``(indptr, items, events, timestamps, gaps)`` of each user's latest ``max_len``
+    entries of ``seq`` (a :class:`jaxreco.train.tasks.next_item.Sequences` built from
+    ``user`` and ``timestamp``, whose (timestamp, row) order is repeated here)."""
+    user = np.asarray(user, np.int64)
+    ts = np.zeros(len(user), np.int64) if timestamp is None else np.asarray(timestamp, np.int64)
+    order = np.lexsort((np.arange(len(user)), ts, user))
+    ts = ts[order].astype(np.float64)
+    pos = np.arange(len(seq.item))
+    end = seq.start[1:][seq.user] if len(seq.item) else pos
+    keep = pos >= end - max_len
+    lengths = np.minimum(seq.length, max_len)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return (indptr, seq.item[keep], seq.event[keep], ts[keep], seq.gap[keep])
 
 
 def _foldin_of(r, d: _RunData, num_items: int) -> foldin.FoldIn:

@@ -59,6 +59,7 @@ from flax import nnx
 
 from jaxreco.models.embed_mlp import EmbedMLP
 from jaxreco.models.layers import Table, gather_rows, present_features
+from jaxreco.models.sequential import Sequential
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,3 +236,75 @@ def model_functions(model: nnx.Module, **kwargs) -> ModelFunctions:
     as keyword arguments)."""
     graphdef, tables, dense = nnx.split(model, Table, ...)
     return embed_mlp_functions(graphdef, tables, dense, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialFunctions:
+    """:class:`ModelFunctions` of a :class:`~jaxreco.models.sequential.Sequential` model plus
+    ``encode_fn(params, items int32[b, L], events int32[b, L], gaps float32[b, L]) -> [b, d]``
+    and the item vectors ``[num_items, d]`` (what ``session_scores`` ranks against)."""
+
+    functions: ModelFunctions
+    encode_fn: Callable
+    item_vectors: np.ndarray
+    max_len: int
+    use_events: bool
+    use_gaps: bool
+
+
+def sequential_functions(graphdef, tables: nnx.State, dense: nnx.State, *, num_users: int,
+                         num_items: int, user_seq: Mapping[str, np.ndarray],
+                         use_events: bool, use_gaps: bool) -> SequentialFunctions:
+    """The export functions of a sequential model given as ``nnx.split(model, Table, ...)``.
+
+    A known user is represented by the encoder over ``user_seq`` (``seq_item`` and, when the
+    model uses them, ``seq_event`` / ``seq_gap``, each ``[num_users, L]``: the user's latest
+    ``L`` train interactions, left-padded, as the trainer's evaluation encodes them), so
+    ``score``/``recommend``/``user_scores`` rank exactly as :mod:`jaxreco.evaluate` does;
+    ``encode_fn`` runs the same encoder on any sequence (``session_scores``). The model's
+    pinned interface is all that is called: ``encode``, ``item_vectors``, ``max_len``,
+    ``num_items``.
+    """
+    abstract = nnx.merge(graphdef, tables, dense)
+    if not isinstance(abstract, Sequential):
+        raise TypeError(f"sequential_functions needs a Sequential; got {type(abstract).__name__}")
+    L = int(abstract.max_len)
+    seq_item = np.asarray(user_seq["seq_item"], np.int32)
+    if seq_item.shape != (num_users, L):
+        raise ValueError(f"user_seq['seq_item'] must be [{num_users}, {L}]; got {seq_item.shape}")
+    seq = {"seq_item": seq_item[:num_users]}
+    if use_events:
+        seq["seq_event"] = np.asarray(user_seq["seq_event"], np.int32)[:num_users]
+    if use_gaps:
+        seq["seq_gap"] = np.asarray(user_seq["seq_gap"], np.float32)[:num_users]
+    params = {"tables": _trim_tables(tables, num_users, num_items),
+              "dense": jax.tree.map(np.asarray, dense), "seq": seq}
+
+    def model_of(p):
+        return nnx.merge(graphdef, p["tables"], p["dense"])
+
+    def encode(p, items, events, gaps):
+        m = model_of(p)
+        return m.encode(items, events if use_events else None, gaps if use_gaps else None)
+
+    def vectors(p):
+        return model_of(p).item_vectors()[:num_items]
+
+    def user_h(p, u):
+        s = p["seq"]
+        items = s["seq_item"][u]
+        ev = s["seq_event"][u] if use_events else jnp.zeros_like(items)
+        gp = s["seq_gap"][u] if use_gaps else jnp.zeros(items.shape, jnp.float32)
+        return encode(p, items, ev, gp)
+
+    def score(p, u, i):
+        return jnp.sum(user_h(p, u) * vectors(p)[i], axis=-1)
+
+    def user_item_scores(p, u):
+        return user_h(p, u) @ vectors(p).T
+
+    fns = ModelFunctions(params=params, score_fn=score, user_item_scores_fn=user_item_scores,
+                         item_vectors_fn=vectors, heads=tuple(abstract.heads),
+                         item_vectors="E_i (the shared item table)")
+    return SequentialFunctions(fns, encode, np.asarray(jax.jit(vectors)(params), np.float32),
+                               L, bool(use_events), bool(use_gaps))

@@ -31,6 +31,10 @@ def _overrides(name: str, tmp_path) -> list[str]:
         write = write_u_data if name == "ml100k_mf" else write_ratings_dat
         return [f"dataset.path={write(tmp_path / 'ml', num_users=40, num_items=30, n=900)}",
                 "model.dim=4"]
+    if name.startswith("ml1m_sasrec"):
+        d = write_ratings_dat(tmp_path / "ml", num_users=70, num_items=120, n=1400)
+        return [f"dataset.path={d}", "task.prepare.negatives.num=9", "model.dim=8",
+                "model.max_len=6", "model.num_blocks=1"]
     if name.startswith("ml1m_ncf"):
         d = write_ratings_dat(tmp_path / "ml", num_users=40, num_items=120, n=1200)
         return [f"dataset.path={d}", "task.prepare.negatives.num=9", *EMBED]
@@ -73,6 +77,18 @@ def test_every_experiment_exports_and_serves(name, tmp_path, monkeypatch):
         assert got == sorted(got, reverse=True)
     meta = json.loads((path / "assets.extra" / "jaxreco.json").read_text())
     assert meta["model_info"]["checkpoint_step"] == metrics["train/best_step"]
+    # a session of events: the known items drive the answer and are not recommended
+    sess = [(str(x), "click", 0.0) for x in iv[:3]] + [("no-such-item", "", 0.0)]
+    got = _recommend_batch(served, [{"users": [None, users[0]], "k": 5, "exclude_items": [],
+                                     "session": sess}])[0]
+    mode = {"sequential": "sequential"}.get(r.cfg.model.name, (
+        "foldin" if r.cfg.model.name == "embed_mlp" and r.cfg.model.combiner == "dot"
+        and not r.cfg.task.side_features and not r.cfg.task.context_features else "exclude"))
+    assert meta["session"]["mode"] == mode
+    assert got["unknown_session_items"] == ["no-such-item"]
+    for res in got["results"]:
+        assert res["session"]["mode"] == mode and res["session"]["used"] == 3
+        assert len(res["items"]) == 5 and not {x["item"] for x in res["items"]} & set(iv[:3])
     if r.task.kind == "ctr":
         ctx = {f: [0, 0, 0] for f in r.cfg.task.context_features}
         p = served.predict_ctr(users, [str(i) for i in iv[:3]], ctx)
