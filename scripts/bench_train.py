@@ -25,6 +25,18 @@ the ``bench`` extra) on the experiment's prepared random 90/10 split, both fitte
                                                   0.8394); compile and data loading included
   mf_final_rmse / libmf_final_rmse                test RMSE after the last epoch / iteration
   mf_vs_libmf_time_to_rmse_ratio                  jaxreco seconds / LibMF seconds (<= 1: ahead)
+
+``--sequential`` instead runs the trainer's own step of ``model=sequential`` /
+``task.kind=next_item`` (the ``ml1m_sasrec`` experiment's settings unless overridden) on a
+generated synthetic-ecommerce catalogue of ML-1M size (no download, so it runs the same on a
+GPU machine)::
+
+    python scripts/bench_train.py --sequential [--seq-len 50 --seq-loss sampled]
+
+  device                                 the JAX device the steps ran on
+  sequential_examples_per_s              training sequences (examples) per second
+  sequential_positions_per_s             predicted positions (non-padding targets) per second
+  sequential_step_ms                     median step time
 """
 
 from __future__ import annotations
@@ -53,11 +65,17 @@ def _args():
     p.add_argument("--target-rmse", type=float, default=0.8394)
     p.add_argument("--libmf-threads", type=int, default=2)
     p.add_argument("--libmf-iters", type=int, default=100)
+    p.add_argument("--sequential", action="store_true",
+                   help="only the sequential model's training examples/s (one device)")
+    p.add_argument("--seq-len", type=int, default=50, help="--sequential: model.max_len")
+    p.add_argument("--seq-batch", type=int, default=128, help="--sequential: batch size")
+    p.add_argument("--seq-loss", default="sampled", choices=["full", "sampled"])
+    p.add_argument("--seq-sampled", type=int, default=512, help="--sequential: negatives")
     return p.parse_args()
 
 
 ARGS = _args() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.devices > 1 and not ARGS.peers:
+if ARGS is not None and ARGS.devices > 1 and not (ARGS.peers or ARGS.sequential):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={ARGS.devices}")
 
@@ -285,10 +303,60 @@ def peers(a) -> None:
     print(f"mf_vs_libmf_time_to_rmse_ratio: {mf_hit / lm['seconds_to_target']:.3f}")
 
 
+# ---------------------------------------------------------------------- --sequential
+def bench_sequential(a) -> None:
+    """Examples/s of the sequential model through the trainer's own step and batches."""
+    import tempfile
+
+    from jaxreco.train import setup, tasks as tasks_lib
+
+    config.register()
+    over = ["experiment=ml1m_sasrec", "name=bench", "dataset=synthetic-ecommerce",
+            "dataset.num_interactions=1000000", "dataset.num_users=6040",
+            "dataset.num_items=3706", "task.prepare.negatives.num=0",
+            f"model.max_len={a.seq_len}", f"trainer.batch_size={a.seq_batch}",
+            f"task.next_item.loss={a.seq_loss}", f"task.next_item.num_sampled={a.seq_sampled}",
+            "task.next_item.crop=random", "mesh=single", "trainer.progress_bar=false"]
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose("train", overrides=over)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("JAXRECO_CACHE", tmp)
+        task = tasks_lib.build(cfg, tasks_lib.PreparedData.prepare(cfg))
+    mesh = make_mesh(dict(cfg.mesh.axes))
+    ms = setup.model_state(cfg, task, mesh)
+    bs = batch_sharding(mesh, dict(cfg.mesh.rules))
+    step_fn, _, next_batch = setup.train_step(cfg, task, ms, mesh, bs, (0, 1))
+    batches = [jax.device_put(next_batch(k), bs) for k in range(8)]
+    targets = [int((np.asarray(b["item"]) >= 0).sum()) for b in batches]
+    state = ms.state
+    for b in batches[:3]:                                     # compile + warm up
+        state, _ = step_fn(state, b)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        for k in range(a.steps):
+            state, _ = step_fn(state, batches[k % len(batches)])
+        jax.block_until_ready(state)
+        times.append((time.perf_counter() - t) / a.steps)
+    dt = statistics.median(times)
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({dev.platform}) x{jax.device_count()}")
+    print(f"config: L={a.seq_len} batch={a.seq_batch} loss={a.seq_loss}"
+          f"{f' ({a.seq_sampled} shared negatives)' if a.seq_loss == 'sampled' else ''} "
+          f"dim={cfg.model.dim} blocks={cfg.model.num_blocks} items={task.num_items} "
+          f"os.cpu_count={os.cpu_count()}")
+    print(f"sequential_step_ms: {dt * 1e3:.2f}")
+    print(f"sequential_examples_per_s: {a.seq_batch / dt:.0f}  [{dev.device_kind}]")
+    print(f"sequential_positions_per_s: {statistics.mean(targets) / dt:.0f}  [{dev.device_kind}]")
+
+
 def main() -> None:
     a = ARGS
     if a.peers:
         return peers(a)
+    if a.sequential:
+        return bench_sequential(a)
     dev = jax.devices()[0]
     gpu = dev.platform != "cpu"
     print(f"device: {dev.device_kind} ({dev.platform}) x{jax.device_count()}")
