@@ -164,10 +164,12 @@ def _cluster_sums(keys: np.ndarray, cols: Mapping[str, np.ndarray]) -> tuple[np.
 
 
 def arm_figures(log: events_lib.Log, arm: str, *, until: float | None = None,
-                z: float = Z95) -> dict[str, Any]:
+                z: float = Z95, where: np.ndarray | None = None) -> dict[str, Any]:
     """Counts and the four metrics (:class:`Estimate`) of one arm's slots (those received
-    up to ``until``, if given)."""
+    up to ``until``, and where ``where`` [slots] is true, if given)."""
     m = np.asarray(log.slot_arm == arm, bool) & np.asarray(log.slot_shopper != None, bool)  # noqa: E711
+    if where is not None:
+        m &= where
     if until is not None:
         m &= log.slot_ts <= until
     nums = _numerators(log, m)
@@ -182,9 +184,50 @@ def arm_figures(log: events_lib.Log, arm: str, *, until: float | None = None,
     return out
 
 
+def slot_platforms(path: str, log: events_lib.Log) -> np.ndarray:
+    """The platform (``app``, ``web``, ...; None unknown) of each slot of ``log``: the
+    ``platform`` of its request's served record (the platform of the session's latest event
+    when the request carried a session), else of the first event about the request that
+    names one. Records without the field (servers before it) leave it unknown."""
+    served: dict[str, str] = {}
+    from_events: dict[str, str] = {}
+    for _, _, line in events_lib.read_lines(path):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # collect() reports bad lines
+        if not isinstance(rec, dict):
+            continue
+        p, req = rec.get("platform"), rec.get("request_id")
+        if not isinstance(p, str) or not p or not isinstance(req, str):
+            continue
+        if rec.get("kind") == "served":
+            served.setdefault(req, p)
+        else:
+            from_events.setdefault(req, p)
+    return np.asarray([served.get(r, from_events.get(r)) for r in log.slot_request], dtype=object)
+
+
+def platform_figures(log: events_lib.Log, platforms: np.ndarray, arms: Sequence[str]
+                     ) -> dict[str, dict[str, Any]]:
+    """``{platform: {arm: figures}}`` (:func:`arm_figures` of the slots of each platform);
+    empty when no slot has a platform."""
+    names = sorted({p for p in platforms if p is not None})
+    if not names:
+        return {}
+    out = {}
+    for p in names + ([None] if any(x is None for x in platforms) else []):
+        where = np.asarray([x == p for x in platforms], bool)
+        out["(unknown)" if p is None else p] = {a: arm_figures(log, a, where=where) for a in arms}
+    return out
+
+
 def analyze(log: events_lib.Log, *, control: str | None = None,
-            split: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """The whole report as plain data (see the module docstring)."""
+            split: Mapping[str, float] | None = None,
+            platforms: np.ndarray | None = None) -> dict[str, Any]:
+    """The whole report as plain data (see the module docstring); ``platforms`` (one per
+    slot, :func:`slot_platforms`) adds ``per_platform``: the figures of each platform's
+    slots, per arm."""
     arms = sorted({a for a in log.served_arm if a is not None}
                   | {a for a in log.slot_arm if a is not None})
     if split:
@@ -228,7 +271,9 @@ def analyze(log: events_lib.Log, *, control: str | None = None,
 
     c = log.counts
     no_arm = int(sum(a is None for a in log.slot_arm))
+    per_platform = platform_figures(log, platforms, arms) if platforms is not None else {}
     return {"control": control, "arms": arms, "per_arm": per_arm, "lift": lifts, "srm": srm,
+            "per_platform": per_platform,
             "method": METHOD, "counts": dict(c, slots_without_arm=no_arm),
             "time_range": [float(log.slot_ts.min()), float(log.slot_ts.max())]
             if len(log.slot_ts) else None}
@@ -276,6 +321,17 @@ def table_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def platform_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["platform", "arm", "impressions", "users"] + [
+        METRICS[k] + " [95% CI]" for k in METRICS]
+    rows = []
+    for p, arms in result.get("per_platform", {}).items():
+        for a, f in arms.items():
+            rows.append([p, a, str(f["impressions"]), str(f["users"])]
+                        + [_fmt(f[k], k) for k in METRICS])
+    return head, rows
+
+
 def lift_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     head = ["arm vs " + result["control"]] + [METRICS[k] + " lift [95% CI]" for k in METRICS]
     rows = [[a] + [_fmt_lift(result["lift"][a][k]) for k in METRICS] for a in result["lift"]]
@@ -309,6 +365,8 @@ def text(result: Mapping[str, Any]) -> str:
     parts = [_text_table(*table_rows(result))]
     if result["lift"]:
         parts.append(_text_table(*lift_rows(result)))
+    if result.get("per_platform"):
+        parts.append("per platform:\n" + _text_table(*platform_rows(result)))
     w = winner(result)
     parts.append(f"winner on CTR: {w if w else 'none (no significant difference)'}")
     parts.append(_srm_line(result["srm"]))
@@ -322,6 +380,9 @@ def markdown(result: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     parts = ["# A/B report", "", _md_table(*table_rows(result)), ""]
     if result["lift"]:
         parts += [_md_table(*lift_rows(result)), ""]
+    if result.get("per_platform"):
+        parts += ["Per platform (the platform of the request's latest session event, else of "
+                  "an event about it):", "", _md_table(*platform_rows(result)), ""]
     parts += [f"Winner on CTR: **{w if w else 'none (no significant difference)'}**.", "",
               _srm_line(result["srm"]) + ".", "", result["method"] + ".", "",
               f"Read: {c['lines']} lines, {c['served']} served requests, {c['slots']} impression "
@@ -386,7 +447,8 @@ def report(events_dir: str, *, out_dir: str | None = None, control: str | None =
     "files"}``."""
     bad = BadRows(on_bad_rows)
     log = events_lib.collect(events_dir, bad_rows=bad, identity=identity)
-    result = analyze(log, control=control, split=split)
+    result = analyze(log, control=control, split=split,
+                     platforms=slot_platforms(events_dir, log))
     result["events_dir"] = str(events_dir)
     result["bad_lines_skipped"] = len(bad)
     files: list[Path] = []

@@ -3,6 +3,8 @@
     python scripts/bench_serve.py                      # exports a random ML-1M-sized model
     python scripts/bench_serve.py --model-dir models/ml1m --model-name ml1m
     python scripts/bench_serve.py --with-events           # served records logged (fsync)
+    python scripts/bench_serve.py --session-events 50 --kind foldin      # sessions, MF fold-in
+    python scripts/bench_serve.py --session-events 50 --kind sequential  # sessions, SASRec
 
 Prints::
 
@@ -10,9 +12,17 @@ Prints::
     p99_ms: ...
     max_rps_p99_under_50ms: ...  highest offered rate whose p99 stayed <= 50 ms
 
-Without ``--model-dir`` it exports a biased-MF model with random parameters and ML-1M's
-shape (6,040 users x 3,706 items, dim 64, ~1M training interactions excluded as "seen");
-latency does not depend on training. The server (``jaxreco-serve``, TensorFlow only) runs
+With ``--session-events N`` every request carries a session of N events (``{"session":
+[{"item", "event", "ts"}...]}``, half of them with a known ``user`` whose training history
+joins the session, half anonymous) and the figures are printed as
+``<kind>_session<N>_p50_ms`` etc.
+
+Without ``--model-dir`` it exports a model with random parameters and ML-1M's shape (6,040
+users x 3,706 items, dim 64, ~1M training interactions excluded as "seen"): ``--kind mf``
+(default) biased MF; ``foldin`` the same with the fold-in session signature (α₀ 0.3, λ 0.05,
+ν 1); ``sequential`` a SASRec-shaped model (max_len 200, 2 blocks, 1 head, as
+``ml1m_sasrec``) whose history is each user's latest 200 items. Latency does not depend on
+training. The server (``jaxreco-serve``, TensorFlow only) runs
 in one process, the load generator (asyncio, raw HTTP/1.1 keep-alive, no TensorFlow) in
 another, both on 127.0.0.1; every loop is bounded in requests and seconds and stops itself.
 """
@@ -38,10 +48,12 @@ HOST = "127.0.0.1"  # loopback only, ever
 
 
 # ---------------------------------------------------------------------------- model
-def export_random_ml1m(model_dir: Path, num_users=6040, num_items=3706, dim=64, seed=0) -> None:
+def export_random_ml1m(model_dir: Path, num_users=6040, num_items=3706, dim=64, seed=0,
+                       kind: str = "mf") -> None:
     import numpy as np
 
-    from jaxreco.export import biased_mf_functions, export_saved_model
+    from jaxreco import foldin
+    from jaxreco.export import SessionModel, biased_mf_functions, export_saved_model
 
     rng = np.random.default_rng(seed)
     params = {
@@ -57,13 +69,53 @@ def export_random_ml1m(model_dir: Path, num_users=6040, num_items=3706, dim=64, 
     indices = np.concatenate([np.sort(rng.choice(num_items, n, replace=False)) for n in lens])
     indptr = np.concatenate([[0], np.cumsum(lens)])
 
+    users = [str(i + 1) for i in range(num_users)]
+    items = [str(i + 1) for i in range(num_items)]
+    info = {"note": f"random parameters, ML-1M shape, for benchmarking ({kind})"}
+    if kind == "sequential":
+        _export_random_sequential(model_dir, users, items, indptr, indices, dim, rng, info)
+        return
+    session = None
+    if kind == "foldin":
+        session = SessionModel("foldin", foldin=foldin.FoldIn(
+            params["item_embed"], params["item_bias"][:, 0], None, alpha0=0.3, reg=0.05, nu=1.0))
     score, all_scores, _ = biased_mf_functions()
     export_saved_model(
         model_dir, 1, params=params, score_fn=score, user_item_scores_fn=all_scores,
-        item_vectors_fn=lambda p: p["item_embed"],
-        user_vocab=[str(i + 1) for i in range(num_users)],
-        item_vocab=[str(i + 1) for i in range(num_items)], seen=(indptr, indices),
-        model_info={"note": "random parameters, ML-1M shape, for benchmarking"})
+        item_vectors_fn=lambda p: p["item_embed"], user_vocab=users, item_vocab=items,
+        seen=(indptr, indices), model_info=info, session=session)
+
+
+def _export_random_sequential(model_dir, users, items, indptr, indices, dim, rng, info,
+                              max_len=200) -> None:
+    import numpy as np
+    from flax import nnx
+
+    from jaxreco import export, export_models
+    from jaxreco.models.layers import Table
+    from jaxreco.models.sequential import Sequential
+    from jaxreco.train.tasks.next_item import Sequences
+
+    nu, ni = len(users), len(items)
+    model = Sequential(ni, -(-ni // 128) * 128, max_len=max_len, dim=dim, num_blocks=2,
+                       num_heads=1, dropout=0.2, rngs=nnx.Rngs(0))
+    graphdef, tables, dense = nnx.split(model, Table, ...)
+    user = np.repeat(np.arange(nu), np.diff(indptr))
+    item = np.asarray(indices)
+    ts = 978_300_000 + rng.permutation(len(user)).astype(np.int64)  # a random order in time
+    seq = Sequences(user, item, nu, ts)
+    it, ev, gp = seq.latest(max_len)
+    fns = export_models.sequential_functions(
+        graphdef, tables, dense, num_users=nu, num_items=ni,
+        user_seq={"seq_item": it}, use_events=False, use_gaps=False)
+    f = fns.functions
+    export.export_saved_model(
+        model_dir, 1, params=f.params, score_fn=f.score_fn,
+        user_item_scores_fn=f.user_item_scores_fn, item_vectors_fn=f.item_vectors_fn,
+        user_vocab=users, item_vocab=items, seen=(indptr, indices), model_info=info,
+        session=export.SessionModel("sequential", encode_fn=fns.encode_fn,
+                                    item_vectors=fns.item_vectors, max_len=max_len,
+                                    history=export.history_csr(seq, user, ts, max_len)))
 
 
 # ---------------------------------------------------------------------------- load generator
@@ -85,7 +137,8 @@ async def _one(conn: _Conn, payload: bytes) -> int:
 
 
 async def _run_rate(port: int, rate: float, seconds: float, users: list[str], k: int,
-                    max_conns: int = 256, timeout_s: float = 5.0) -> dict:
+                    max_conns: int = 256, timeout_s: float = 5.0, session_events: int = 0,
+                    num_items: int = 3706) -> dict:
     """Open loop: request i is due at t0 + i/rate; latency counts from that due time."""
     n = max(1, int(rate * seconds))
     idle: list[_Conn] = []
@@ -94,7 +147,14 @@ async def _run_rate(port: int, rate: float, seconds: float, users: list[str], k:
     rnd = random.Random(int(rate))
 
     def request_bytes() -> bytes:
-        body = json.dumps({"user": rnd.choice(users), "k": k}).encode()
+        req: dict = {"user": rnd.choice(users), "k": k}
+        if session_events:
+            t = 1_767_225_600 + rnd.randrange(10**6)
+            req["session"] = [{"item": str(rnd.randrange(num_items) + 1), "event": "click",
+                               "ts": t + 30 * j} for j in range(session_events)]
+            if rnd.random() < 0.5:       # an anonymous shopper
+                del req["user"]
+        body = json.dumps(req).encode()
         return (b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 
@@ -141,10 +201,12 @@ async def _run_rate(port: int, rate: float, seconds: float, users: list[str], k:
 
 
 async def _loadgen(port: int, users: list[str], k: int, base_rate: float, base_seconds: float,
-                   step_seconds: float, slo_ms: float, max_rate: float, budget_s: float) -> dict:
+                   step_seconds: float, slo_ms: float, max_rate: float, budget_s: float,
+                   session_events: int = 0) -> dict:
     deadline = time.monotonic() + budget_s
-    await _run_rate(port, 50, 2.0, users, k)  # warm-up: connections, caches
-    base = await _run_rate(port, base_rate, base_seconds, users, k)
+    kw = {"session_events": session_events}
+    await _run_rate(port, 50, 2.0, users, k, **kw)  # warm-up: connections, caches
+    base = await _run_rate(port, base_rate, base_seconds, users, k, **kw)
     print(f"# {base_rate:.0f} req/s for {base_seconds:.0f} s: {json.dumps(base)}", flush=True)
 
     def good(r):
@@ -152,7 +214,7 @@ async def _loadgen(port: int, users: list[str], k: int, base_rate: float, base_s
 
     best, bad, rate = 0.0, None, 200.0
     while rate <= max_rate and time.monotonic() + step_seconds + 5 < deadline:  # grow x1.5
-        r = await _run_rate(port, rate, step_seconds, users, k)
+        r = await _run_rate(port, rate, step_seconds, users, k, **kw)
         print(f"# {rate:.0f} req/s: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
               f"errors {r['errors']}", flush=True)
         await asyncio.sleep(1.0)  # let queues drain between steps
@@ -164,7 +226,7 @@ async def _loadgen(port: int, users: list[str], k: int, base_rate: float, base_s
         if bad is None or bad - best < 0.05 * bad or time.monotonic() + step_seconds + 5 > deadline:
             break
         mid = (best + bad) / 2
-        r = await _run_rate(port, mid, step_seconds, users, k)
+        r = await _run_rate(port, mid, step_seconds, users, k, **kw)
         print(f"# {mid:.0f} req/s: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
               f"errors {r['errors']}", flush=True)
         await asyncio.sleep(1.0)
@@ -180,7 +242,8 @@ def loadgen_main(args) -> int:
         pass
     users = [str(i + 1) for i in range(args.num_users)]
     res = asyncio.run(_loadgen(args.port, users, args.k, args.rate, args.seconds,
-                               args.step_seconds, 50.0, args.max_rate, args.budget))
+                               args.step_seconds, 50.0, args.max_rate, args.budget,
+                               args.session_events))
     print(json.dumps(res))
     return 0
 
@@ -219,16 +282,24 @@ def main(argv=None) -> int:
     p.add_argument("--with-events", action="store_true",
                    help="run the server with an event log (--events-dir in the temp dir): every "
                         "answer is also written and fsynced as a served record")
+    p.add_argument("--session-events", type=int, default=0,
+                   help="events in each request's session (0: plain user requests)")
+    p.add_argument("--kind", choices=("mf", "foldin", "sequential"), default=None,
+                   help="the random model to export (default: mf; foldin with --session-events)")
     p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--export-to", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.session_events < 0 or args.session_events > 1000:
+        p.error(f"--session-events={args.session_events}: must be in [0, 1000]")
+    kind = args.kind or ("foldin" if args.session_events else "mf")
     if args.loadgen:
         return loadgen_main(args)
     if args.export_to:
         sys.path.insert(0, str(REPO))
-        export_random_ml1m(Path(args.export_to))
+        export_random_ml1m(Path(args.export_to), kind=kind)
         return 0
+    prefix = f"{kind}_session{args.session_events}_" if args.session_events else ""
 
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TF_CPP_MIN_LOG_LEVEL="2")
@@ -240,11 +311,16 @@ def main(argv=None) -> int:
             model_dir = Path(tmp) / "model"
             t = time.perf_counter()
             # exported in a child process, so this process stays light while measuring
-            subprocess.run([sys.executable, __file__, "--export-to", str(model_dir)], check=True,
-                           env=env)
-            print("model: biased MF with RANDOM parameters, ML-1M shape: 6040 users x 3706 items, "
-                  f"dim 64 (latency does not depend on training); exported in "
+            subprocess.run([sys.executable, __file__, "--export-to", str(model_dir),
+                            "--kind", kind], check=True, env=env)
+            what = {"mf": "biased MF", "foldin": "biased MF with fold-in sessions",
+                    "sequential": "SASRec-shaped sequential (max_len 200, 2 blocks)"}[kind]
+            print(f"model: {what} with RANDOM parameters, ML-1M shape: 6040 users x 3706 "
+                  f"items, dim 64 (latency does not depend on training); exported in "
                   f"{time.perf_counter() - t:.0f} s")
+        if args.session_events:
+            print(f"requests: k={args.k}, a session of {args.session_events} events each, half "
+                  "with a known user (history joins the session), half anonymous")
         port = _free_port()
         server_log = open(Path(tmp) / "server.log", "w")
         events = ["--events-dir", str(Path(tmp) / "events"), "--replica-id", "bench"] \
@@ -264,7 +340,8 @@ def main(argv=None) -> int:
                 [sys.executable, __file__, "--loadgen", "--port", str(port), "--k", str(args.k),
                  "--rate", str(args.rate), "--seconds", str(args.seconds),
                  "--step-seconds", str(args.step_seconds), "--max-rate", str(args.max_rate),
-                 "--budget", str(args.budget), "--num-users", str(args.num_users)],
+                 "--budget", str(args.budget), "--num-users", str(args.num_users),
+                 "--session-events", str(args.session_events)],
                 env=env, check=True, capture_output=True, text=True, timeout=args.budget + 120)
         finally:
             server.terminate()
@@ -293,9 +370,9 @@ def main(argv=None) -> int:
     for line in lines[:-1]:
         print(line)
     res = json.loads(lines[-1])
-    print(f"p50_ms: {res['base']['p50_ms']:.2f}")
-    print(f"p99_ms: {res['base']['p99_ms']:.2f}")
-    print(f"max_rps_p99_under_50ms: {res['max_rps_p99_under_50ms']:.0f}")
+    print(f"{prefix}p50_ms: {res['base']['p50_ms']:.2f}")
+    print(f"{prefix}p99_ms: {res['base']['p99_ms']:.2f}")
+    print(f"{prefix}max_rps_p99_under_50ms: {res['max_rps_p99_under_50ms']:.0f}")
     return 0
 
 
