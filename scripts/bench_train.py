@@ -7,6 +7,7 @@ Runs the trainer's own jitted ``train_step`` (sharded lookup, row-sparse optimiz
 state) on synthetic uniformly random ids. Prints ``name: value`` lines:
 
   step_ms_<rows>              median step time, ``single`` mesh, per row count
+  mf_examples_per_s_rows_<rows>  the same as examples/s (every platform)
   train_examples_per_s        ``single`` at the smallest row count
   table_scaling_ratio         step time at the largest / smallest row count (≤ 1.5: the step
                               cost does not grow with the catalogue)
@@ -366,6 +367,7 @@ def main() -> None:
     for rows in sorted(a.rows):
         times[rows] = bench("single", rows, a.batch, a.dim, a.optimizer, a.steps, a.repeats)
         print(f"step_ms_{rows}: {times[rows] * 1e3:.3f}", flush=True)
+        print(f"mf_examples_per_s_rows_{rows}: {a.batch / times[rows]:.0f}", flush=True)
         if gpu:
             print(f"mf_examples_per_s_{rows // 1_000_000}m_rows: {a.batch / times[rows]:.0f}  "
                   f"[{dev.device_kind}]", flush=True)
