@@ -1,7 +1,7 @@
 """``jaxreco-export``: a trained run directory -> ``<out_dir>/<version>/`` SavedModel.
 
     jaxreco-export --run-dir outputs/ml1m_mf/2026-01-01_00-00-00 --out-dir models/ml1m \
-        [--version N] [--step S]
+        [--version N] [--step S] [--complement complement.npz]
 
 ``--version`` defaults to one more than the highest version already in ``--out-dir`` (TF
 Serving serves the highest); ``--step`` to the run's best checkpoint step. Needs the ``[export]`` extra (TensorFlow); see
@@ -35,11 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", type=int, default=None, help="default: highest existing + 1")
     p.add_argument("--step", type=int, default=None,
                    help="checkpoint step (default: the run's best step if kept, else the latest)")
+    p.add_argument("--complement", default=None,
+                   help="a complete-the-cart model (python -m jaxreco.complement) to serve at "
+                        "/complete, matched to the run's items by raw id")
     args = p.parse_args(argv)
     version = args.version if args.version is not None else next_version(args.out_dir)
 
     try:
-        path = export_run(args.run_dir, args.out_dir, version, step=args.step)
+        path = export_run(args.run_dir, args.out_dir, version, step=args.step,
+                          complement=args.complement)
     except (ExportError, FileNotFoundError, ValueError) as e:
         print(f"jaxreco-export: {e}", file=sys.stderr)
         return 2

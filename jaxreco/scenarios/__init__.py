@@ -1,0 +1,1 @@
+"""Shopping-guide scenarios beside personal picks: complete the cart (:mod:`.basket`)."""
