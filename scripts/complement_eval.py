@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid", nargs="*", default=["weight_decay=0.0001,0.01"],
                    help="learned-model settings tried on validation, key=v1,v2")
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--lift-min-count", default="1,2,3")
+    p.add_argument("--lift-min-count", default="1,2,3,5,8")
     p.add_argument("--svd-dim", default="32,64")
     p.add_argument("--out-json", default=None, help="also write every figure to this file")
     args = p.parse_args(argv)
