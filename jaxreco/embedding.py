@@ -51,6 +51,10 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxreco.optim import RowOptimizer, sort_positions, take_rows, unique_inverse
 from jaxreco.sharding import logical_to_spec
 
+# Row optimizers whose update of a row reads only that row and its slots (the replicated
+# layout may then run them on a gathered subset of rows); dense ``adam`` moves every row.
+ROW_LOCAL = frozenset({"sgd", "adagrad", "lazy_adam"})
+
 
 def _axes(entry: Any) -> tuple[str, ...]:
     if entry is None:
@@ -70,13 +74,14 @@ class _Plan:
     spread evenly there is one round; skewed ids take more rounds, never a dropped id.
     """
 
-    def __init__(self, ids: jax.Array, num_rows: int, num_shards: int, capacity: int):
+    def __init__(self, ids: jax.Array, num_rows: int, num_shards: int, capacity: int,
+                 sort=None):
         k = ids.shape[0]
         self.k, self.num_shards, self.capacity = k, num_shards, capacity
         self.n = num_rows // num_shards
         self.size = num_shards * capacity                      # the send buffer; its "drop"
         key = jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows)   # invalid ids last
-        skey, self.pos = sort_positions(key, num_rows)
+        skey, self.pos = sort_positions(key, num_rows) if sort is None else sort(key)
         self.first = jnp.concatenate([jnp.ones((1,), bool), skey[1:] != skey[:-1]])
         self.dest = skey // self.n                             # num_shards if invalid
         self.local = skey - self.dest * self.n
@@ -187,12 +192,27 @@ class ShardedTables:
             return x
         return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
 
-    def _rounds(self, ids: jax.Array, num_rows: int, ra: tuple[str, ...], body, carry):
+    def _plan(self, ids: jax.Array, num_rows: int) -> _Plan:
+        return _Plan(ids, num_rows, self.num_devices, self.capacity(ids.shape[0]))
+
+    def _first_round(self, plan: _Plan, ra: tuple[str, ...]):
+        """Inside ``shard_map``: ``(fits, send_ids, slot)`` of the round that sends every id
+        at once, and whether it is valid (``fits``: no device has more than ``capacity``
+        distinct ids for any owner; the same value on every device). ``fits`` is a Python
+        ``True`` when a slice can never overflow."""
+        n = jnp.full((self.num_devices,), plan.n, jnp.int32)
+        lo = jnp.zeros_like(n)
+        send_ids, slot = plan.round(lo, n)
+        if plan.capacity >= plan.k:
+            return True, send_ids, slot
+        return jnp.all(jax.lax.pmin(plan.propose(lo), ra) >= plan.n), send_ids, slot
+
+    def _rounds(self, plan: _Plan, ra: tuple[str, ...], body, carry, done=None):
         """Inside ``shard_map``: runs ``carry = body(send_ids, slot, carry)`` once per round
-        (see ``_Plan``); every device runs the same number of rounds."""
+        (see ``_Plan``); every device runs the same number of rounds. ``done`` (a traced
+        bool, the same on every device): run no round (the first round was sent already)."""
         n_dev = self.num_devices
-        plan = _Plan(ids, num_rows, n_dev, self.capacity(ids.shape[0]))
-        if plan.capacity >= ids.shape[0]:                     # a slice always fits: one round
+        if plan.capacity >= plan.k:                           # a slice always fits: one round
             n = jnp.full((n_dev,), plan.n, jnp.int32)
             return body(*plan.round(jnp.zeros_like(n), n), carry)
 
@@ -201,9 +221,18 @@ class ShardedTables:
             hi = jax.lax.pmin(plan.propose(lo), ra)
             return hi, body(*plan.round(lo, hi), carry)
 
-        _, carry = jax.lax.while_loop(lambda c: jnp.any(c[0] < plan.n), step,
-                                      (jnp.zeros((n_dev,), jnp.int32), carry))
+        lo = jnp.zeros((n_dev,), jnp.int32)
+        if done is not None:
+            lo = jnp.where(done, plan.n, lo)
+        _, carry = jax.lax.while_loop(lambda c: jnp.any(c[0] < plan.n), step, (lo, carry))
         return carry
+
+    def _lazy_plan(self, ids: jax.Array, num_rows: int, need: jax.Array) -> _Plan:
+        """The plan of ``ids``, whose sort only runs when ``need`` (a traced bool)."""
+        def sort(key):
+            return jax.lax.cond(need, lambda k: sort_positions(k, num_rows),
+                                lambda k: (k, jnp.zeros_like(k)), key)
+        return _Plan(ids, num_rows, self.num_devices, self.capacity(ids.shape[0]), sort=sort)
 
     def _a2a(self, x: jax.Array, ra: tuple[str, ...]) -> jax.Array:
         return jax.lax.all_to_all(x, ra, 0, 0, tiled=True)
@@ -211,17 +240,25 @@ class ShardedTables:
     # ------------------------------------------------------------------ lookup
     def lookup(self, tables: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
         """``rows[t][f] = tables[t][batch[f]]``, sharded like the batch."""
+        return self.lookup_and_plan(tables, batch)[0]
+
+    def lookup_and_plan(self, tables: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
+        """``(rows, plans)``: the lookup, and per routed group the routing it computed
+        (``(recv_ids, slot, fits)``), which :meth:`update` reuses for the same batch: the
+        gradients travel back along the same buffer layout, so the step sorts and routes
+        each group's ids once."""
         rows: dict[str, dict[str, jax.Array]] = {}
-        for (feats, ra), names in self.groups:
+        plans: dict[int, tuple] = {}
+        for g, ((feats, ra), names) in enumerate(self.groups):
             if self.routed[names[0]]:
-                for f in feats:
-                    for t, r in zip(names, self._lookup_routed(
-                            [tables[t] for t in names], batch[f], ra)):
-                        rows.setdefault(t, {})[f] = r
+                out, plans[g] = self._lookup_routed([tables[t] for t in names],
+                                                    [batch[f] for f in feats], ra)
+                for t, per_feat in zip(names, out):
+                    rows[t] = dict(zip(feats, per_feat))
             else:
                 for t in names:
                     rows[t] = {f: self._lookup_masked(tables[t], batch[f], ra) for f in feats}
-        return {t: rows[t] for t in self.table_features}
+        return {t: rows[t] for t in self.table_features}, plans
 
     def _lookup_masked(self, table, ids, ra):
         if not ra:
@@ -238,41 +275,73 @@ class ShardedTables:
                              in_specs=(P(ra, None), self._batch_spec()),
                              out_specs=self._batch_spec(2))(table, ids)
 
-    def _lookup_routed(self, tabs, ids, ra):
+    def _lookup_routed(self, tabs, id_feats, ra):
+        """All features of a group in one routing: ``([[rows of t for f] for t], plan)``."""
         num_rows = tabs[0].shape[0]
         widths = [t.shape[1] for t in tabs]
         edges = [sum(widths[:i]) for i in range(len(widths) + 1)]
+        nf = len(id_feats)
 
-        def body(tabs_local, ids):
+        def body(tabs_local, ids_parts):
+            ids = jnp.concatenate(ids_parts)
+            plan = self._plan(ids, num_rows)
+            fits, send_ids, slot = self._first_round(plan, ra)
+            zeros = jnp.zeros((ids.shape[0], edges[-1]), tabs_local[0].dtype)
+
             def one_round(send_ids, slot, out):
                 recv = self._a2a(send_ids, ra)
                 rows = jnp.concatenate([take_rows(t, recv) for t in tabs_local], 1)
                 back = self._a2a(rows, ra)
                 return jnp.where((slot < back.shape[0])[:, None],
-                                 back.at[slot].get(mode="fill", fill_value=0), out)
+                                 back.at[slot].get(mode="fill", fill_value=0), out), recv
 
-            out = self._rounds(ids, num_rows, ra, one_round,
-                               jnp.zeros((ids.shape[0], edges[-1]), tabs_local[0].dtype))
-            return tuple(out[:, edges[i]:edges[i + 1]] for i in range(len(widths)))
+            out, recv = one_round(send_ids, slot, zeros)
+            if fits is not True:         # skewed ids (rare): further rounds, from scratch
+                out = self._rounds(plan, ra, lambda s, sl, o: one_round(s, sl, o)[0],
+                                   jnp.where(fits, out, zeros), done=fits)
+            k = ids_parts[0].shape[0]
+            rows = tuple(tuple(out[j * k:(j + 1) * k, edges[i]:edges[i + 1]] for j in range(nf))
+                         for i in range(len(widths)))
+            return rows, (recv, slot, jnp.asarray(fits))
 
-        b = ids.shape[0]
+        b = id_feats[0].shape[0]
         f = jax.shard_map(body, mesh=self.mesh,
-                          in_specs=([P(ra, None)] * len(tabs), self._slice_spec()),
-                          out_specs=tuple(self._slice_spec(2) for _ in tabs), check_vma=False)
-        return [r[:b] for r in f(list(tabs), self._pad(ids, -1))]
+                          in_specs=([P(ra, None)] * len(tabs), [self._slice_spec()] * nf),
+                          out_specs=(tuple(tuple(self._slice_spec(2) for _ in range(nf))
+                                           for _ in tabs),
+                                     (self._slice_spec(), self._slice_spec(), P())),
+                          check_vma=False)
+        rows, plan = f(list(tabs), [self._pad(x, -1) for x in id_feats])
+        return [[r[:b] for r in per_t] for per_t in rows], plan
 
     # ------------------------------------------------------------------ update
     def update(self, tables: Mapping[str, jax.Array], slots: Mapping[str, Any],
                batch: Mapping[str, jax.Array], grads: Mapping[str, Mapping[str, jax.Array]],
-               step: jax.Array):
-        """Row-sparse optimizer step on the rows the batch touched: ``(tables, slots)``."""
+               step: jax.Array, plans: Mapping[int, tuple] | None = None):
+        """Row-sparse optimizer step on the rows the batch touched: ``(tables, slots)``.
+
+        ``plans``: what :meth:`lookup_and_plan` returned for this batch (routed groups then
+        skip their sort and the ids' trip to the owners); without it they route again."""
         new_tables, new_slots = dict(tables), dict(slots)
-        for (feats, ra), names in self.groups:
-            update = self._update_routed if self.routed[names[0]] else self._update_masked
-            tabs, sls = update(feats, ra, names, tables, slots, batch, grads, step)
+        for g, ((feats, ra), names) in enumerate(self.groups):
+            if self.routed[names[0]]:
+                tabs, sls = self._update_routed(feats, ra, names, tables, slots, batch, grads,
+                                                step, (plans or {}).get(g))
+            elif self._replicated_routed(ra):
+                tabs, sls = self._update_replicated(feats, names, tables, slots, batch, grads,
+                                                    step)
+            else:
+                tabs, sls = self._update_masked(feats, ra, names, tables, slots, batch, grads,
+                                                step)
             for t, nt, ns in zip(names, tabs, sls):
                 new_tables[t], new_slots[t] = nt, ns
         return new_tables, new_slots
+
+    def _replicated_routed(self, ra) -> bool:
+        """Replicated tables with a sharded batch and a row-local optimizer: the update is
+        split by row range over the devices (see :meth:`_update_replicated`)."""
+        return (not ra and bool(self.batch_axes) and self.num_devices > 1
+                and self.row_opt.name in ROW_LOCAL)
 
     def _apply(self, tabs, sls, local, gs, step):
         """Dedups ``local`` (row ids, ``n`` = none) and applies the row optimizer per table."""
@@ -291,19 +360,20 @@ class ShardedTables:
                       for t in names]
         return tab_specs, slot_specs
 
-    def _shard_update(self, body, spec, pad, feats, names, tables, slots, batch, grads, step):
-        """Runs ``body(ids_parts, g_parts, tabs, sls, step) -> (tabs, sls)`` under shard_map:
-        ids and row gradients per feature laid out by ``spec`` (after ``pad``), tables and
-        slots by their row layout."""
+    def _shard_update(self, body, spec, pad, feats, names, tables, slots, batch, grads, step,
+                      extra=(), extra_specs=()):
+        """Runs ``body(ids_parts, g_parts, tabs, sls, step, *extra) -> (tabs, sls)`` under
+        shard_map: ids and row gradients per feature laid out by ``spec`` (after ``pad``),
+        tables and slots by their row layout."""
         tab_specs, slot_specs = self._specs(names, tables, slots)
         f = jax.shard_map(
             body, mesh=self.mesh,
             in_specs=([spec()] * len(feats), [[spec(2)] * len(feats) for _ in names],
-                      tab_specs, slot_specs, P()),
+                      tab_specs, slot_specs, P(), *extra_specs),
             out_specs=(tab_specs, slot_specs), check_vma=False)
         return f([pad(batch[fe], -1) for fe in feats],
                  [[pad(grads[t][fe], 0) for fe in feats] for t in names],
-                 [tables[t] for t in names], [slots[t] for t in names], step)
+                 [tables[t] for t in names], [slots[t] for t in names], step, *extra)
 
     def _update_masked(self, feats, ra, names, tables, slots, batch, grads, step):
         ba = self.batch_axes
@@ -325,28 +395,100 @@ class ShardedTables:
         return self._shard_update(body_parts, self._batch_spec, lambda x, fill: x, feats, names,
                                   tables, slots, batch, grads, step)
 
-    def _update_routed(self, feats, ra, names, tables, slots, batch, grads, step):
+    @staticmethod
+    def _slice_grads(g_parts, nf):
+        """``[slice · features, sum of widths]``: per feature, the group's tables side by side."""
+        return jnp.concatenate([jnp.concatenate([gt[i] for gt in g_parts], axis=1)
+                                for i in range(nf)])
+
+    def _update_routed(self, feats, ra, names, tables, slots, batch, grads, step, plan):
         num_rows = tables[names[0]].shape[0]
+        widths = [tables[t].shape[1] for t in names]
+        edges = [sum(widths[:i]) for i in range(len(widths) + 1)]
+
+        def send(g, slot, size):
+            return jnp.zeros((size, g.shape[1]), g.dtype).at[slot].add(g, mode="drop")
+
+        def one_round(g, step):
+            def run(send_ids, slot, carry, recv_ids=None):
+                tabs, sls = carry
+                if recv_ids is None:
+                    recv_ids = self._a2a(send_ids, ra)
+                recv_g = self._a2a(send(g, slot, recv_ids.shape[0]), ra)
+                return self._apply(tabs, sls, recv_ids,
+                                   [recv_g[:, edges[i]:edges[i + 1]] for i in range(len(names))],
+                                   step)
+            return run
+
+        def body(ids_parts, g_parts, tabs, sls, step, *planned):
+            ids = jnp.concatenate(ids_parts)
+            g = self._slice_grads(g_parts, len(ids_parts))
+            run = one_round(g, step)
+            if planned:                  # the lookup's routing of these ids: no ids travel
+                recv, slot, fits = planned
+                if self.capacity(ids.shape[0]) >= ids.shape[0]:
+                    return run(None, slot, (tabs, sls), recv_ids=recv)
+                plan = self._lazy_plan(ids, num_rows, ~fits)
+            else:
+                plan = self._plan(ids, num_rows)
+                fits, send_ids, slot = self._first_round(plan, ra)
+                if fits is True:
+                    return run(send_ids, slot, (tabs, sls))
+                recv = self._a2a(send_ids, ra)
+            # The first round is applied only if it held every id (else its owners see no id);
+            # skewed ids (rare) then take the rounds, sorting again only in that case.
+            carry = run(None, slot, (tabs, sls),
+                        recv_ids=jnp.where(fits, recv, num_rows // self.num_devices))
+            return self._rounds(plan, ra, run, carry, done=fits)
+
+        extra, extra_specs = (), ()
+        if plan is not None:
+            extra, extra_specs = plan, (self._slice_spec(), self._slice_spec(), P())
+        return self._shard_update(body, self._slice_spec, self._pad, feats, names, tables, slots,
+                                  batch, grads, step, extra, extra_specs)
+
+    def _update_replicated(self, feats, names, tables, slots, batch, grads, step):
+        """Replicated tables (``dp``): the batch's update is computed once, not on every
+        replica. Each device routes its slice's ids and gradients to the device that owns
+        their row range *for this update* (as in the routed layout), which deduplicates
+        them and runs the row optimizer on those rows only; the new rows and slot values
+        are then all-gathered and written into every replica."""
+        num_rows = tables[names[0]].shape[0]
+        n_dev = self.num_devices
+        n = -(-num_rows // n_dev)                    # owner d: rows [d·n, (d+1)·n)
+        axes = tuple(a for a in self.slice_axes if self.mesh.shape[a] > 1)
         widths = [tables[t].shape[1] for t in names]
         edges = [sum(widths[:i]) for i in range(len(widths) + 1)]
 
         def body(ids_parts, g_parts, tabs, sls, step):
             ids = jnp.concatenate(ids_parts)
-            # [slice, sum of widths]: per feature, the group's tables side by side.
-            g = jnp.concatenate([jnp.concatenate([gt[i] for gt in g_parts], axis=1)
-                                 for i in range(len(ids_parts))])
+            ids = jnp.where(ids < num_rows, ids, -1)
+            g = self._slice_grads(g_parts, len(ids_parts))
 
             def one_round(send_ids, slot, carry):
                 tabs, sls = carry
                 send_g = jnp.zeros((send_ids.shape[0], g.shape[1]), g.dtype).at[slot].add(
                     g, mode="drop")
-                recv_ids = self._a2a(send_ids, ra)
-                recv_g = self._a2a(send_g, ra)
-                return self._apply(tabs, sls, recv_ids,
-                                   [recv_g[:, edges[i]:edges[i + 1]] for i in range(len(names))],
-                                   step)
+                recv = self._a2a(send_ids, axes)
+                recv_g = self._a2a(send_g, axes)
+                gid = jnp.where(recv < n, self._index(axes) * n + recv, num_rows)
+                uids, inv = unique_inverse(gid, num_rows)
+                all_uids = jax.lax.all_gather(uids, axes, tiled=True)
+                at = jnp.arange(uids.shape[0], dtype=jnp.int32)
+                out_t, out_s = [], []
+                for i, (tab, sl) in enumerate(zip(tabs, sls)):
+                    ug = jax.ops.segment_sum(recv_g[:, edges[i]:edges[i + 1]], inv,
+                                             num_segments=uids.shape[0])
+                    mini = jax.tree.map(lambda x: x.at[uids].get(mode="clip"), (tab, sl))
+                    nt, ns = self.row_opt.apply(*mini, at, ug, step)
+                    put = lambda full, new: full.at[all_uids].set(       # noqa: E731
+                        jax.lax.all_gather(new, axes, tiled=True), mode="drop")
+                    out_t.append(put(tab, nt))
+                    out_s.append(jax.tree.map(put, sl, ns))
+                return out_t, out_s
 
-            return self._rounds(ids, num_rows, ra, one_round, (tabs, sls))
+            return self._rounds(_Plan(ids, n * n_dev, n_dev, self.capacity(ids.shape[0])),
+                                axes, one_round, (tabs, sls))
 
         return self._shard_update(body, self._slice_spec, self._pad, feats, names, tables, slots,
                                   batch, grads, step)
@@ -362,7 +504,7 @@ class ShardedTables:
             num_rows = tables[names[0]].shape[0]
 
             def body(ids_parts):
-                return self._rounds(jnp.concatenate(ids_parts), num_rows, ra,
+                return self._rounds(self._plan(jnp.concatenate(ids_parts), num_rows), ra,
                                     lambda send_ids, slot, c: c + 1, jnp.int32(0))
 
             f = jax.shard_map(body, mesh=self.mesh, in_specs=([self._slice_spec()] * len(feats),),

@@ -33,7 +33,7 @@ def make_train_step(graphdef, tables: ShardedTables, loss_fn: LossFn,
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         values = state.table_values()
-        rows = tables.lookup(values, batch)
+        rows, plans = tables.lookup_and_plan(values, batch)     # routing reused by update
 
         def objective(rows, dense):
             model = nnx.merge(graphdef, state.tables, dense)
@@ -41,7 +41,8 @@ def make_train_step(graphdef, tables: ShardedTables, loss_fn: LossFn,
 
         (loss, aux), (g_rows, g_dense) = jax.value_and_grad(
             objective, argnums=(0, 1), has_aux=True)(rows, state.dense)
-        new_values, new_slots = tables.update(values, state.table_opt, batch, g_rows, state.step)
+        new_values, new_slots = tables.update(values, state.table_opt, batch, g_rows, state.step,
+                                              plans)
         updates, dense_opt = dense_tx.update(g_dense, state.dense_opt, state.dense)
         dense = optax.apply_updates(state.dense, updates)
         tables_state = jax.tree.map(lambda v: v, state.tables)
