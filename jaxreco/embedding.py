@@ -17,6 +17,10 @@ shard, further split over the mesh axes the batch is replicated on), so no work 
   buffer layout and sent to the owners, which deduplicate across senders (one sort of
   ``N · capacity`` ids, ``segment_sum``) and apply the row optimizer.
 
+The lookup returns its routing (``lookup_and_plan``) and the update of the same step reuses
+it: the ids are sorted and sent once per step, only the gradients travel back. All features
+of a group (e.g. a user id and a history of item ids) share one routing.
+
 Per device that is ``O(batch/N)`` work instead of ``O(batch/data)`` (lookup) and
 ``O(batch)`` (update). ``capacity = ceil(capacity_factor · slice / N)``. Skewed ids that
 would overflow it are sent in further *rounds* (a ``while_loop`` every device runs the same
@@ -33,6 +37,11 @@ round; ``rounds(tables, batch)`` reports how many a batch takes.
   table is replicated over them, so every replica applies the same update), mapped to the
   local row range (others become out-of-range and are dropped), deduplicated once per id
   feature group, and the row optimizer updates only those rows.
+* **update of replicated tables** (``dp``: rows on no axis, batch sharded, a row-local
+  optimizer, ``ROW_LOCAL``): instead of every replica running the whole batch's update,
+  each device owns a row range *for the update*: ids and gradients are routed to it as in
+  the routed layout, it runs the row optimizer on its distinct rows only, and the new rows
+  and slot values are all-gathered and written into every replica.
 
 The numbers are the same on every layout (the tests check 1e-5): lookups are exact, and
 updates differ only in the order in which repeated ids' gradients are summed. The table's
