@@ -45,10 +45,11 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
+                      model_validator)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jaxreco.serve import complete, layout
+from jaxreco.serve import complete, layout, reasons
 from jaxreco.serve.ab import DEFAULT_ARM, ABConfig
 from jaxreco.serve.events import EVENT_KINDS, EventLog, EventLogError, EventLogFull
 from jaxreco.serve.guard import ConcurrencyLimitMiddleware
@@ -381,6 +382,9 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         k: StrictInt = Field(10, ge=1, le=config.max_k)
         exclude_items: list[Id] = Field(default_factory=list, max_length=config.max_exclude,
                                         description="Items not to recommend in this request.")
+        explain: StrictBool = Field(False, description=(
+            "Add per item the history items that contributed most to its score (exact for "
+            "dot/iALS models) and the business reasons."))
 
         @model_validator(mode="after")
         def _one(self):
@@ -410,6 +414,9 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         item: str
         score: float
         promoted: bool
+        explain: reasons.ItemReasons | None = Field(None, description=(
+            "With explain=true: the history items that contributed most and the business "
+            "reasons (jaxreco.serve.reasons)."))
 
     class SessionUse(BaseModel):
         mode: str = Field(description="foldin (the user vector solved from the items), "
@@ -735,6 +742,9 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
             raise ApiError(400, str(e)) from None
         platform = next((e["platform"] for e in reversed(events or []) if "platform" in e), None)
         _log_served(out, session, events, platform)
+        if req.explain:
+            await asyncio.get_running_loop().run_in_executor(
+                executor, reasons.annotate, out, [(n, m) for n, m in arms], payload)
         return _json(out)
 
     @app.post("/similar", response_model=SimilarResponse, responses=errors)
