@@ -236,3 +236,37 @@ def test_unique_inverse_matches_jnp_unique():
         np.testing.assert_array_equal(got_u, want_u)
         np.testing.assert_array_equal(got_inv, want_inv.reshape(-1))
 
+
+
+def test_dp_update_is_split_by_row_range_and_exact():
+    # Replicated tables: each device runs the row optimizer on its row range only, the new
+    # rows are all-gathered; the parameters match one device (adagrad; lazy_adam above).
+    axes, rules = _preset("dp")
+    _, _, step = _setup(axes, rules, "adagrad")
+    assert not any(step.tables.routed.values())
+    assert all(step.tables._replicated_routed(ra) for ra in step.tables.row_axes.values())
+    _check_same(_batches(4), presets=("dp",), optimizer="adagrad")
+
+
+def test_update_without_the_lookups_plan_routes_again_and_agrees():
+    # The step reuses the lookup's routing; update() called alone routes again (first round,
+    # then the rounds of a skewed batch) and gives the same tables.
+    axes, rules = _preset("dp_mp")
+    mesh, state, step = _setup(axes, rules, "adagrad", capacity_factor=0.01)
+    tables, b = step.tables, _batches(1)[0]
+    values, slots = state.table_values(), state.table_opt
+    grads = jax.jit(lambda v, b: jax.tree.map(lambda r: 0.1 * r + 0.01,
+                                              tables.lookup(v, b)))(values, b)
+
+    def run(with_plan):
+        def f(v, s, b, g):
+            plans = tables.lookup_and_plan(v, b)[1] if with_plan else None
+            return tables.update(v, s, b, g, jnp.int32(0), plans)
+        return jax.block_until_ready(jax.jit(f)(values, slots, b, grads))
+
+    (t1, s1), (t2, s2) = run(True), run(False)
+    for k in t1:
+        np.testing.assert_allclose(np.asarray(t1[k]), np.asarray(t2[k]), atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(np.asarray(s1[k]["acc"]), np.asarray(s2[k]["acc"]),
+                                   atol=1e-6, err_msg=k)
+        assert float(np.abs(np.asarray(t1[k]) - np.asarray(values[k])).max()) > 0, k
