@@ -219,3 +219,38 @@ def test_a_version_without_basket_data_cannot_complete(tmp_path):
         v / "assets.extra" / basket.CO_PURCHASE_FILE)
     with pytest.raises(basket.ComplementError, match="has 3 items, the model 2"):
         Complementer(m)
+
+
+# ------------------------------------------------------ the category cap on CLI exports
+@pytest.mark.slow
+def test_category_cap_works_on_a_cli_exported_model_and_is_refused_without_categories(tmp_path):
+    """A CLI-exported model of a dataset with categories carries them (the cap holds); one
+    without categories exports none, and a cap is refused with a message naming why."""
+    pytest.importorskip("tensorflow", reason="export tests need tensorflow-cpu")
+    from jaxreco.serve.model import ServedModel
+    from jaxreco.serve.rules import BusinessRules, RulesError, top_k
+    from tests.conftest import run_cli, write_u_data
+
+    env = {"JAXRECO_CACHE": str(tmp_path / "cache")}
+    runs = {"synthetic": ["experiment=synthetic_ctr", "dataset.num_interactions=20000",
+                          "dataset.num_users=200", "dataset.num_items=100"],
+            "ml": [f"dataset.path={write_u_data(tmp_path / 'ml-tiny')}"]}
+    for name, args in runs.items():
+        p = run_cli(["jaxreco.cli.train", "debug=smoke", "trainer.epochs=1",
+                     "logger.tensorboard=false", f"hydra.run.dir={tmp_path / name}", *args],
+                    cwd=tmp_path, env_extra=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        p = run_cli(["jaxreco.cli.export", "--run-dir", str(tmp_path / name), "--out-dir",
+                     str(tmp_path / f"models-{name}")], cwd=tmp_path, env_extra=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+    m = ServedModel(tmp_path / "models-synthetic" / "1", rules=BusinessRules(max_per_category=1))
+    assert len(set(m.item_category.tolist())) > 5
+    users = [str(u) for u in range(8)]
+    scores, _ = m.user_scores(users)
+    idx, _ = top_k(scores, 5, m.rules)
+    for row in idx:
+        assert len(row) == 5 and len(set(m.item_category[row].tolist())) == 5
+    ml = tmp_path / "models-ml" / "1"
+    assert not (ml / "assets" / "item_category.txt").exists()
+    with pytest.raises(RulesError, match="max_per_category needs item categories"):
+        ServedModel(ml, rules=BusinessRules(max_per_category=2))
