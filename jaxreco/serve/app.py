@@ -220,6 +220,7 @@ def _recommend_batch(arms, payloads: list[dict]) -> list[dict]:
         for r, a in enumerate(p.get("arms") or [0] * len(p["users"])):
             rows.setdefault(a, []).append((i, r))
     results: list[list[dict | None]] = [[None] * len(p["users"]) for p in payloads]
+    unknown_ids: set[tuple[int, int]] = set()  # (payload, row) of users the model lacks
     for a, pos in rows.items():
         name, model = arms[a]
         scores, known, uses = _arm_scores(model, payloads, pos)
@@ -234,8 +235,14 @@ def _recommend_batch(arms, payloads: list[dict]) -> list[dict]:
             idx, vals = top_k(scores[j:e], p["k"], model.rules, extra)
             for n in range(e - j):
                 r = pos[j + n][1]
+                use = uses[j + n]
+                # cold start: the popular list (an unknown user, and no session the model used)
+                cold = not bool(known[j + n]) and (
+                    use is None or use["used"] == 0 or use["mode"] == "exclude")
+                unknown_ids.update({(i, r)} if p["users"][r] is not None and not known[j + n]
+                                   else set())
                 results[i][r] = {
-                    "user": p["users"][r], "cold_start": not bool(known[j + n]),
+                    "user": p["users"][r], "cold_start": cold,
                     "items": [{"item": model.item_ids[t], "score": float(v),
                                "promoted": bool(promoted[t])}
                               for t, v in zip(idx[n].tolist(), vals[n].tolist())],
@@ -244,12 +251,12 @@ def _recommend_batch(arms, payloads: list[dict]) -> list[dict]:
                     results[i][r]["session"] = uses[j + n]
             j = e
     out = []
-    for p, res in zip(payloads, results):
+    for i, (p, res) in enumerate(zip(payloads, results)):
         versions = {x["model_version"] for x in res}
         body: dict[str, Any] = {"model_version": versions.pop()} if len(versions) == 1 else {}
         body["results"] = res
-        body["unknown_users"] = _distinct(x["user"] for x in res
-                                          if x["cold_start"] and x["user"] is not None)
+        body["unknown_users"] = _distinct(x["user"] for r, x in enumerate(res)
+                                          if (i, r) in unknown_ids)
         used = [arms[a][1] for a in sorted(set(p.get("arms") or [0]))]
         body["unknown_exclude_items"] = _distinct(
             x for x in p["exclude_items"] if any(x not in m.item_index for m in used))
@@ -432,7 +439,9 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
 
     class UserResult(BaseModel):
         user: str | None = Field(description="null for an anonymous shopper (a session only).")
-        cold_start: bool = Field(description="Unknown user: the items are the most popular ones.")
+        cold_start: bool = Field(description=(
+            "The items are the most popular ones: an unknown (or anonymous) shopper without "
+            "a session the model could use."))
         items: list[ScoredItem]
         request_id: str = Field(description="Names this list in POST /events (uuid4 hex).")
         arm: str = Field(description="The A/B arm that served it ('default' without arms).")
