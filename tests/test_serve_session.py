@@ -80,7 +80,7 @@ def test_session_answers_are_the_fold_in_top_k_for_both_arms(served):
         assert not set(got) & set(items)
         assert res["session"] == {"mode": "foldin", "events": 4, "used": 4, "unknown_items": 0, "truncated": 0,
                                   "limit": SESSION_CAP}
-        assert res["user"] is None and res["cold_start"] is True
+        assert res["user"] is None and res["cold_start"] is False   # the session was used
         arms.add(res["arm"])
     assert arms == {"fold", "plain"}                       # both arms fold in
 
@@ -101,6 +101,15 @@ def test_login_continues_the_session_under_the_account(served):
     assert res["cold_start"] is False
     plain = _post(server, {"user": user, "k": 6})["results"][0]  # no session: frozen vector
     assert [x["item"] for x in plain["items"]] != [x["item"] for x in res["items"]]
+    # an id the model does not know, with a session: folded in from the session alone, and
+    # the id is still reported unknown
+    out = _post(server, {"user": "nobody", "session": sess, "k": 6})
+    want, scores = _expected(data, f, None, items, "fold", 6)
+    got = [iv.index(x["item"]) for x in out["results"][0]["items"]]
+    assert S.same_ranking(got, [iv.index(x) for x in want], scores)
+    assert out["unknown_users"] == ["nobody"] and out["results"][0]["cold_start"] is False
+    out = _post(server, {"user": "nobody", "session": [{"item": "zzz"}], "k": 6})
+    assert out["results"][0]["cold_start"] is True and out["unknown_users"] == ["nobody"]
 
 
 def test_unknown_items_are_skipped_and_long_sessions_cut_to_the_latest(served):
