@@ -35,7 +35,7 @@ def _overrides(name: str, tmp_path) -> list[str]:
         d = write_ratings_dat(tmp_path / "ml", num_users=70, num_items=120, n=1400)
         return [f"dataset.path={d}", "task.prepare.negatives.num=9", "model.dim=8",
                 "model.max_len=6", "model.num_blocks=1"]
-    if name.startswith("ml1m_ncf"):
+    if name.startswith("ml1m_ncf") or name in ("dp_ials", "federated_ials"):
         d = write_ratings_dat(tmp_path / "ml", num_users=40, num_items=120, n=1200)
         return [f"dataset.path={d}", "task.prepare.negatives.num=9", *EMBED]
     if name in ("synthetic_ctr", "ab_simulated"):
