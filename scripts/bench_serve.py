@@ -11,6 +11,8 @@ Prints::
     p50_ms: ...                  at 100 requests/s, open loop (latency from the scheduled send)
     p99_ms: ...
     max_rps_p99_under_50ms: ...  highest offered rate whose p99 stayed <= 50 ms
+    model_cpu_ms_per_request: ... one request's model work (scores, rules, top-k), CPU time
+    model_wall_p50_ms: ...       the same, wall time (one process, no HTTP, after the load)
 
 With ``--session-events N`` every request carries a session of N events (``{"session":
 [{"item", "event", "ts"}...]}``, half of them with a known ``user`` whose training history
@@ -248,6 +250,41 @@ def loadgen_main(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- model cost
+def model_cost(model_dir: Path, session_events: int, k: int, n: int = 300,
+               num_users: int = 6040, num_items: int = 3706) -> dict:
+    """CPU and wall time of one request's model work, in this process (TensorFlow only):
+    ``session_scores`` (or ``user_scores``) for one shopper, then the rules and top-k, as
+    the server's worker runs them. Process CPU time counts every thread, so it barely
+    depends on what else shares the cores; wall time does."""
+    import numpy as np
+
+    from jaxreco.serve.model import ModelManager
+    from jaxreco.serve.rules import top_k
+
+    mgr = ModelManager(model_dir)
+    mgr.poll_once()
+    m = mgr.current
+    rnd = random.Random(0)
+    cpu, wall = [], []
+    for j in range(n + 20):
+        user = str(rnd.randrange(num_users) + 1) if j % 2 else ""
+        c0, w0 = time.process_time(), time.perf_counter()
+        if session_events:
+            t = 1_767_225_600.0
+            sess = [(str(rnd.randrange(num_items) + 1), "click", t + 30 * e)
+                    for e in range(session_events)][-m.session_cap:]
+            scores, _, _ = m.session_scores([user], [sess])
+        else:
+            scores, _ = m.user_scores([user or "1"])
+        top_k(scores, k, m.rules, None)
+        if j >= 20:  # the first calls warm caches
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+    return {"cpu_ms": 1e3 * float(np.median(cpu)), "wall_p50_ms": 1e3 * float(np.median(wall)),
+            "wall_p99_ms": 1e3 * float(np.percentile(wall, 99))}
+
+
 # ---------------------------------------------------------------------------- orchestration
 def _free_port() -> int:
     with socket.socket() as s:
@@ -287,6 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--kind", choices=("mf", "foldin", "sequential"), default=None,
                    help="the random model to export (default: mf; foldin with --session-events)")
     p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cost", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--export-to", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -298,6 +336,10 @@ def main(argv=None) -> int:
     if args.export_to:
         sys.path.insert(0, str(REPO))
         export_random_ml1m(Path(args.export_to), kind=kind)
+        return 0
+    if args.cost:
+        sys.path.insert(0, str(REPO))
+        print(json.dumps(model_cost(Path(args.model_dir), args.session_events, args.k)))
         return 0
     prefix = f"{kind}_session{args.session_events}_" if args.session_events else ""
 
@@ -350,6 +392,11 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
             server_log.close()
+            cost = json.loads(subprocess.run(
+                [sys.executable, __file__, "--cost", "--model-dir", str(model_dir), "--k",
+                 str(args.k), "--session-events", str(args.session_events)],
+                env=env, check=True, capture_output=True, text=True, timeout=600
+            ).stdout.strip().splitlines()[-1])
             log_text = (Path(tmp) / "server.log").read_text(errors="replace")
             refused = sum(int(n) for n in re.findall(
                 r"Exceeded concurrency limit: refused (\d+) request", log_text))
@@ -373,6 +420,10 @@ def main(argv=None) -> int:
     print(f"{prefix}p50_ms: {res['base']['p50_ms']:.2f}")
     print(f"{prefix}p99_ms: {res['base']['p99_ms']:.2f}")
     print(f"{prefix}max_rps_p99_under_50ms: {res['max_rps_p99_under_50ms']:.0f}")
+    # one request's model work (scores, rules, top-k) in one process, no HTTP: CPU time
+    # (all threads) is what the cores must supply per request whatever else runs
+    print(f"{prefix}model_cpu_ms_per_request: {cost['cpu_ms']:.2f}")
+    print(f"{prefix}model_wall_p50_ms: {cost['wall_p50_ms']:.2f}")
     return 0
 
 
