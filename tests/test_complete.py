@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxreco import complement as cp
+from jaxreco.explain import FoldInExplainer
 from jaxreco.scenarios import basket
 
 NUM_ITEMS, NUM_CATS = 60, 5
@@ -65,7 +66,7 @@ def test_bad_inputs_are_named():
 
 
 # ------------------------------------------------------------------- learned vs baselines
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def planted_model():
     b = _planted()
     train, val, test = cp.split_last_baskets(b)
@@ -142,11 +143,16 @@ def test_prefer_other_categories_puts_the_carts_categories_last_and_one_per_cate
 
 
 # ----------------------------------------------------------------- served: POST /complete
-@pytest.fixture(scope="module")
-def served(planted_model, tmp_path_factory):
+@pytest.fixture(scope="session")
+def served_basket_model(planted_model, tmp_path_factory):
+    """One server for this file and tests/test_explain.py: an MF model exported with
+    fold-in (iALS-style sessions), categories, co-purchase counts and the planted basket
+    model; rules exclude item 13 and promote item 12. Yields ``(client, data, basket model,
+    FoldIn)``."""
     pytest.importorskip("tensorflow", reason="serving tests need tensorflow-cpu")
     pytest.importorskip("fastapi", reason="serving tests need the [serve] extra")
-    from jaxreco.export import co_purchase_counts
+    from jaxreco import foldin
+    from jaxreco.export import SessionModel, co_purchase_counts
     from tests import test_export_support as S
 
     b, train, _, model = planted_model
@@ -159,20 +165,27 @@ def served(planted_model, tmp_path_factory):
     stats = basket.CoPurchaseStats.from_lines(order, train.items, NUM_ITEMS, co)
     tmp = tmp_path_factory.mktemp("complete")
     data.co = co
-    S.export(data, tmp / "models", 1, assets_extra={
+    p = data.params
+    f = foldin.FoldIn(p["item_embed"], p["item_bias"][:, 0], None, alpha0=0.3, reg=0.05, nu=1.0)
+    S.export(data, tmp / "models", 1, session=SessionModel("foldin", foldin=f), assets_extra={
         basket.COMPLEMENT_FILE: model.to_bytes(), basket.CO_PURCHASE_FILE: stats.to_bytes()})
     (tmp / "rules.json").write_text(json.dumps({"exclude_items": [data.item_id(13)],
                                                 "promoted_items": {data.item_id(12): 1.0}}))
     server = S.Server(tmp / "models", tmp / "server.log", "--rules", str(tmp / "rules.json"))
     try:
         server.wait()
-        yield server.client, data, model
+        yield server.client, data, model, f
     finally:
         server.stop()
 
 
+@pytest.fixture
+def served(served_basket_model):
+    return served_basket_model
+
+
 def test_complete_answers_exclude_the_cart_prefer_other_categories_and_explain(served):
-    client, data, model = served
+    client, data, model, _ = served
     cart = [data.item_id(10), data.item_id(11)]
     st, body = client.post("/complete", {"items": cart + [cart[0]], "k": 8, "explain": True})
     assert st == 200, body
@@ -194,7 +207,7 @@ def test_complete_answers_exclude_the_cart_prefer_other_categories_and_explain(s
 
 
 def test_complete_one_per_category_user_and_unknown_items(served):
-    client, data, _ = served
+    client, data, *_ = served
     st, body = client.post("/complete", {"items": [data.item_id(20), "no-such-item"], "k": 10,
                                          "one_per_category": True, "user": data.user_vocab[5]})
     assert st == 200, body
@@ -219,6 +232,50 @@ def test_a_version_without_basket_data_cannot_complete(tmp_path):
         v / "assets.extra" / basket.CO_PURCHASE_FILE)
     with pytest.raises(basket.ComplementError, match="has 3 items, the model 2"):
         Complementer(m)
+
+
+# ------------------------------------------------- served: explain=true on /recommend
+def test_recommend_explain_sums_to_the_served_ials_score(served):
+    client, data, _, f = served
+    sess = [str(data.item_vocab[j]) for j in (3, 17, 40)]
+    st, out = client.post("/recommend", {"session": [{"item": x} for x in sess], "k": 6,
+                                         "explain": True})
+    assert st == 200, out
+    items = out["results"][0]["items"]
+    assert len(items) == 6
+    for x in items:
+        e = x["explain"]
+        assert e["method"] == "foldin"
+        assert {h["item"] for h in e["history_items"]} == set(sess)      # all 3 listed
+        boost = sum(r.get("boost") or 0.0 for r in e["reasons"])         # item 12: +1.0
+        total = e["base"] + sum(h["contribution"] for h in e["history_items"])
+        assert abs(total + boost - x["score"]) < 1e-5                    # the served score
+        assert abs(e["score"] - total) < 1e-9
+        c = [h["contribution"] for h in e["history_items"]]
+        assert c == sorted(c, reverse=True)
+    st, plain = client.post("/recommend", {"session": [{"item": x} for x in sess], "k": 6})
+    assert [x["item"] for x in plain["results"][0]["items"]] == [x["item"] for x in items]
+    assert "explain" not in plain["results"][0]["items"][0]
+
+
+def test_recommend_explain_for_a_known_user_names_their_own_items(served):
+    client, data, _, f = served
+    u = 7
+    st, out = client.post("/recommend", {"user": str(data.user_vocab[u]), "k": 4,
+                                         "explain": True})
+    assert st == 200, out
+    seen = {str(data.item_vocab[j]) for j in data.seen(u)}
+    ex = FoldInExplainer.from_foldin(f)
+    hist = sorted(data.seen(u))
+    for x in out["results"][0]["items"]:
+        e = x["explain"]
+        assert e["method"] == "foldin" and len(e["history_items"]) == min(3, len(seen))
+        assert {h["item"] for h in e["history_items"]} <= seen
+        i = int(np.flatnonzero(data.item_vocab == x["item"])[0])
+        score, base, contrib = ex.explain(hist, [i])
+        assert abs(e["score"] - score[0]) < 1e-4 and abs(e["base"] - base[0]) < 1e-4
+    st, out = client.post("/recommend", {"user": "nobody", "k": 2, "explain": True})
+    assert st == 200 and out["results"][0]["items"][0]["explain"]["method"] == "none"
 
 
 # ------------------------------------------------------ the category cap on CLI exports

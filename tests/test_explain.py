@@ -1,6 +1,7 @@
 """Reasons for each pick (jaxreco.explain): the iALS score of every item decomposes exactly
 over the shopper's items, checked against the trainer's own fold-in solve
-(jaxreco.foldin -> jaxreco.train.ials._solve_side), and ``explain=true`` on ``/recommend``."""
+(jaxreco.foldin -> jaxreco.train.ials._solve_side). ``explain=true`` on a served model:
+tests/test_complete.py (one server for both files)."""
 
 from __future__ import annotations
 
@@ -51,66 +52,3 @@ def test_an_item_is_explained_most_by_the_history_item_it_resembles():
 def dataclasses_replace(f, **kw):
     import dataclasses
     return dataclasses.replace(f, **kw)
-
-
-# ----------------------------------------------------------------- served: explain=true
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    pytest.importorskip("tensorflow", reason="serving tests need tensorflow-cpu")
-    pytest.importorskip("fastapi", reason="serving tests need the [serve] extra")
-    from jaxreco.export import SessionModel
-    from tests import test_export_support as S
-
-    tmp = tmp_path_factory.mktemp("explain")
-    data = S.make_mf(seed=5)
-    p = data.params
-    f = foldin.FoldIn(p["item_embed"], p["item_bias"][:, 0], None, alpha0=0.3, reg=0.05, nu=1.0)
-    S.export(data, tmp / "models", 1, session=SessionModel("foldin", foldin=f))
-    server = S.Server(tmp / "models", tmp / "server.log")
-    try:
-        server.wait()
-        yield server.client, data, f
-    finally:
-        server.stop()
-
-
-def test_recommend_explain_sums_to_the_served_ials_score(served):
-    client, data, f = served
-    sess = [str(data.item_vocab[j]) for j in (3, 17, 40)]
-    st, out = client.post("/recommend", {"session": [{"item": x} for x in sess], "k": 6,
-                                         "explain": True})
-    assert st == 200, out
-    items = out["results"][0]["items"]
-    assert len(items) == 6
-    for x in items:
-        e = x["explain"]
-        assert e["method"] == "foldin"
-        assert {h["item"] for h in e["history_items"]} == set(sess)      # all 3 listed
-        total = e["base"] + sum(h["contribution"] for h in e["history_items"])
-        assert abs(total - x["score"]) < 1e-5                            # the served score
-        assert abs(e["score"] - x["score"]) < 1e-5
-        c = [h["contribution"] for h in e["history_items"]]
-        assert c == sorted(c, reverse=True)
-    st, plain = client.post("/recommend", {"session": [{"item": x} for x in sess], "k": 6})
-    assert [x["item"] for x in plain["results"][0]["items"]] == [x["item"] for x in items]
-    assert "explain" not in plain["results"][0]["items"][0]
-
-
-def test_recommend_explain_for_a_known_user_names_their_own_items(served):
-    client, data, f = served
-    u = 7
-    st, out = client.post("/recommend", {"user": str(data.user_vocab[u]), "k": 4,
-                                         "explain": True})
-    assert st == 200, out
-    seen = {str(data.item_vocab[j]) for j in data.seen(u)}
-    ex = explain.FoldInExplainer.from_foldin(f)
-    hist = sorted(data.seen(u))
-    for x in out["results"][0]["items"]:
-        e = x["explain"]
-        assert e["method"] == "foldin" and len(e["history_items"]) == min(3, len(seen))
-        assert {h["item"] for h in e["history_items"]} <= seen
-        i = int(np.flatnonzero(data.item_vocab == x["item"])[0])
-        score, base, contrib = ex.explain(hist, [i])
-        assert abs(e["score"] - score[0]) < 1e-4 and abs(e["base"] - base[0]) < 1e-4
-    st, out = client.post("/recommend", {"user": "nobody", "k": 2, "explain": True})
-    assert st == 200 and out["results"][0]["items"][0]["explain"]["method"] == "none"

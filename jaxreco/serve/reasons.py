@@ -9,7 +9,8 @@ contributions and ``base`` sum to; it is the served score for a session request,
 to it for a known user without a session (module docstring of :mod:`jaxreco.explain`).
 Other models get the business reasons only (``method: "none"``).
 
-Business reasons: ``promoted`` (the rules boost the item), ``bought_together`` (baskets
+Business reasons: ``promoted`` (the rules boost the item: the served score is the model's
+plus ``boost``), ``bought_together`` (baskets
 holding it and one of the history items, when the version carries co-purchase counts).
 """
 
@@ -29,7 +30,10 @@ class HistoryItem(BaseModel):
 
 class Reason(BaseModel):
     kind: str = Field(description="promoted | bought_together")
-    baskets: int | None = None
+    boost: float | None = Field(None, description="promoted: the rules' boost, added to the "
+                                                  "served score (not part of the model's).")
+    baskets: int | None = Field(None, description="bought_together: baskets holding the item "
+                                                  "and one of the shopper's items.")
 
 
 class ItemReasons(BaseModel):
@@ -85,6 +89,7 @@ def annotate(out: dict, arms: list, payload: dict) -> dict:
     """Adds ``explain`` (an :class:`ItemReasons`) to every item of a ``/recommend`` answer
     ``out`` computed for ``payload`` by the ``arms`` ``[(name, ServedModel)]``."""
     models = dict(arms)
+    boosts: dict = {}
     for res in out["results"]:
         m = models[res["arm"]]
         d = _data(m)
@@ -101,7 +106,10 @@ def annotate(out: dict, arms: list, payload: dict) -> dict:
         for r, (x, i) in enumerate(zip(res["items"], items)):
             reasons = []
             if m.rules.is_promoted[i]:
-                reasons.append({"kind": "promoted"})
+                if id(m) not in boosts:
+                    boosts[id(m)] = dict(zip(m.rules.promo_idx.tolist(),
+                                             m.rules.promo_boost.tolist()))
+                reasons.append({"kind": "promoted", "boost": float(boosts[id(m)][i])})
             if d.stats is not None and hist:
                 n = sum(d.stats.pair_count(j, i) for j in hist)
                 if n:
