@@ -35,6 +35,14 @@ def _overrides(name: str, tmp_path) -> list[str]:
         d = write_ratings_dat(tmp_path / "ml", num_users=70, num_items=120, n=1400)
         return [f"dataset.path={d}", "task.prepare.negatives.num=9", "model.dim=8",
                 "model.max_len=6", "model.num_blocks=1"]
+    if name == "synthetic_session_sasrec":
+        return ["dataset.num_interactions=12000", "dataset.num_users=200",
+                "dataset.num_items=60", "task.prepare.negatives.num=9", "model.dim=8",
+                "model.max_len=6", "model.num_blocks=1"]
+    if name == "instacart_sasrec":
+        return [f"dataset.path={_instacart_csv(tmp_path / 'instacart.csv')}",
+                "task.prepare.negatives.num=9", "task.next_item.num_sampled=16",
+                "model.dim=8", "model.max_len=6", "model.num_blocks=1"]
     if name.startswith("ml1m_ncf") or name in ("dp_ials", "federated_ials"):
         d = write_ratings_dat(tmp_path / "ml", num_users=40, num_items=120, n=1200)
         return [f"dataset.path={d}", "task.prepare.negatives.num=9", *EMBED]
@@ -45,6 +53,23 @@ def _overrides(name: str, tmp_path) -> list[str]:
         _obd_wheel(tmp_path / "wheels", n=2000)
         return [f"dataset.cache_dir={tmp_path / 'wheels'}", "dataset.policies=[random]", *EMBED]
     raise AssertionError(f"no smoke-sized data for experiment {name}: add it here")
+
+
+def _instacart_csv(path, users=70, products=60, orders=3, per_order=4, seed=0):
+    """A tiny file in instacart-sample's format (``jaxreco.data.instacart``)."""
+    rng = np.random.default_rng(seed)
+    rows, oid = [], 0
+    for u in range(users):
+        for n in range(1, orders + 1):
+            oid += 1
+            prior = "" if n == 1 else str(int(rng.integers(1, 30)))
+            for a, prod in enumerate(rng.choice(products, per_order, replace=False), 1):
+                rows.append(f"{oid},{u + 1},{n},{rng.integers(7)},{rng.integers(24)},{prior},"
+                            f"{prod + 1},{a},{int(n > 1)}")
+    path.write_text("order_id,user_id,order_number,order_dow,order_hour_of_day,"
+                    "days_since_prior_order,product_id,add_to_cart_order,reordered\n"
+                    + "\n".join(rows) + "\n")
+    return path
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
