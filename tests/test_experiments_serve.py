@@ -39,6 +39,9 @@ def _overrides(name: str, tmp_path) -> list[str]:
         return ["dataset.num_interactions=12000", "dataset.num_users=200",
                 "dataset.num_items=60", "task.prepare.negatives.num=9", "model.dim=8",
                 "model.max_len=6", "model.num_blocks=1"]
+    if name == "instacart_complement":
+        return [f"dataset.path={_instacart_csv(tmp_path / 'instacart.csv')}",
+                "task.prepare.negatives.num=9", *EMBED]
     if name == "instacart_sasrec":
         return [f"dataset.path={_instacart_csv(tmp_path / 'instacart.csv')}",
                 "task.prepare.negatives.num=9", "task.next_item.num_sampled=16",
