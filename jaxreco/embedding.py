@@ -102,6 +102,13 @@ class _Plan:
         counts = jax.ops.segment_sum(m, self.dest, num_segments=self.num_shards + 1)
         return jnp.cumsum(m) - 1 - (jnp.cumsum(counts) - counts)[self.dest]
 
+    def overflows(self) -> jax.Array:
+        """Whether this slice has more than ``capacity`` distinct ids for some owner (then
+        one round cannot carry them all)."""
+        m = (self.first & (self.dest < self.num_shards)).astype(jnp.int32)
+        counts = jax.ops.segment_sum(m, self.dest, num_segments=self.num_shards + 1)
+        return jnp.any(counts[:self.num_shards] > self.capacity)
+
     def propose(self, lo: jax.Array) -> jax.Array:
         """``[num_shards]``: per owner, the local row of this slice's ``capacity + 1``-th
         distinct id at or after ``lo`` (``n`` if there are not that many)."""
@@ -294,17 +301,30 @@ class ShardedTables:
         def body(tabs_local, ids_parts):
             ids = jnp.concatenate(ids_parts)
             plan = self._plan(ids, num_rows)
-            fits, send_ids, slot = self._first_round(plan, ra)
+            n_dev, cap = self.num_devices, plan.capacity
+            full = jnp.full((n_dev,), plan.n, jnp.int32)
+            send_ids, slot = plan.round(jnp.zeros_like(full), full)
             zeros = jnp.zeros((ids.shape[0], edges[-1]), tabs_local[0].dtype)
 
-            def one_round(send_ids, slot, out):
-                recv = self._a2a(send_ids, ra)
+            def one_round(send_ids, slot, out, recv=None):
+                if recv is None:
+                    recv = self._a2a(send_ids, ra)
                 rows = jnp.concatenate([take_rows(t, recv) for t in tabs_local], 1)
                 back = self._a2a(rows, ra)
                 return jnp.where((slot < back.shape[0])[:, None],
                                  back.at[slot].get(mode="fill", fill_value=0), out), recv
 
-            out, recv = one_round(send_ids, slot, zeros)
+            if cap >= plan.k:            # a slice always fits: one round
+                fits, recv = True, None
+            else:
+                # Each device's "I overflow" flag rides with its ids to every owner, so all
+                # devices learn whether the first round held every id without a collective.
+                flag = jnp.broadcast_to(plan.overflows().astype(jnp.int32), (n_dev, 1))
+                got = self._a2a(jnp.concatenate([send_ids.reshape(n_dev, cap), flag], 1)
+                                .reshape(-1), ra).reshape(n_dev, cap + 1)
+                fits = ~jnp.any(got[:, cap] > 0)
+                recv = got[:, :cap].reshape(-1)
+            out, recv = one_round(send_ids, slot, zeros, recv)
             if fits is not True:         # skewed ids (rare): further rounds, from scratch
                 out = self._rounds(plan, ra, lambda s, sl, o: one_round(s, sl, o)[0],
                                    jnp.where(fits, out, zeros), done=fits)
