@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreco import export_models, foldin
+from jaxreco import ask, export_models, foldin
 from jaxreco.data.prepare import load_split, load_table
 from jaxreco.models.embed_mlp import EmbedMLP
 from jaxreco.models.mf import MF
@@ -982,7 +982,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: 
     order line), their co-purchase counts rank ``similar_items`` and go to
     ``assets.extra/co_purchase.npz`` for ``/complete``; ``complement``, a model written by
     ``python -m jaxreco.complement``, goes to
-    ``assets.extra/complement.npz``, matched to the run's items by raw id. ``kwargs`` go to
+    ``assets.extra/complement.npz``, matched to the run's items by raw id. Item texts
+    (MovieLens titles and genres, else category names; prices) go to
+    ``assets.extra/item_text.json`` for ``/ask`` (:mod:`jaxreco.ask`). ``kwargs`` go to
     :func:`export_saved_model` (``model_info`` is merged into the run's own).
     """
     run_dir = Path(run_dir)
@@ -1056,6 +1058,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: 
         kwargs.setdefault("co_counts", co)
         files[basket.CO_PURCHASE_FILE] = basket.CoPurchaseStats.from_lines(
             order, item, ni, co).to_bytes()
+    item_f = load_table(r.task.path, "item_features")
+    text = ask.item_text_of(dict(r.cfg.dataset), d.item_vocab, d.item_category,
+                            np.asarray(item_f["price"]) if "price" in item_f else None)
+    if text is not None:          # titles, genres, categories, prices: for /ask
+        files.setdefault(ask.ITEM_TEXT_FILE, text.to_bytes())
     if complement is not None:
         try:
             files[basket.COMPLEMENT_FILE] = basket.BasketModel.load(complement).reindexed(
