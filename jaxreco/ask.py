@@ -271,7 +271,7 @@ class Catalogue:
                            f"{'max ' + str(q.max_price) if q.max_price is not None else ''})"
                            " cannot apply")
         s = self.text_scores(q.text)
-        ok = s > 0 if self.tokens(q.text) else np.ones(len(s), bool)
+        ok = s > 0 if q.text else np.ones(len(s), bool)    # no known word: no match
         p = self.text.price
         if q.min_price is not None:
             ok &= np.isfinite(p) & (p >= q.min_price)

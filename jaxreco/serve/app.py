@@ -12,6 +12,7 @@ slow clients, too many connections -- are JSON too, see :mod:`jaxreco.serve.guar
 - ``POST /recommend``                   top-k for users, business rules applied, cold start.
 - ``POST /similar``                     items that go together with given items.
 - ``POST /complete``                    items that complete a cart (:mod:`jaxreco.serve.complete`).
+- ``POST /ask``                         product questions: BM25 over item texts, re-ranked for the shopper (:mod:`jaxreco.serve.ask`).
 - ``POST /predict_ctr``                 click (per-head) probabilities of (user, item,
                                         context) rows; models exported from ctr runs.
 - ``POST /events``                      shopper events (impression, click, cart, purchase),
@@ -49,7 +50,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Stric
                       model_validator)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jaxreco.serve import complete, layout, reasons
+from jaxreco.serve import ask, complete, layout, reasons
 from jaxreco.serve.ab import DEFAULT_ARM, ABConfig
 from jaxreco.serve.events import EVENT_KINDS, EventLog, EventLogError, EventLogFull
 from jaxreco.serve.guard import ConcurrencyLimitMiddleware
@@ -864,6 +865,7 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes_of=lambda: app.router.routes)
     app.include_router(complete.make_router(_model, executor, max_items=config.max_exclude,
                                             max_k=config.max_k))
+    app.include_router(ask.make_router(_model, executor, max_k=config.max_k))
     return app
 
 
