@@ -202,33 +202,46 @@ def noisy_item_statistics(y_pad, cols, rows, num_users: int, *, key, noise_std, 
 
 def dp_item_solve(q_table, p_clipped, side: dict, num_items: int, num_users: int, *,
                   alpha0: float, reg: float, nu: float, clip_norm: float, noise_std,
-                  key: jax.Array):
+                  key: jax.Array, solve_elements: int = 1 << 22):
     """New rows of ``q_table`` (every one of the first ``num_items``) from the noisy
     statistics of the clipped user rows ``p_clipped`` (``[num_users, d]``) over the sampled
-    positives in ``side`` (module docstring, steps 3–4)."""
+    positives in ``side`` (module docstring, steps 3–4).
+
+    The noisy statistics are gathered bucket by bucket (``lax.map`` over chunks) into dense
+    ``[num_items, d, d]`` / ``[num_items, d]`` arrays; the eigen-solves then run on static
+    slices of at most ``solve_elements`` matrix entries, outside any loop construct (an
+    ``eigh`` inside ``lax.map`` stalled the XLA CPU runtime in some runs here)."""
     d = q_table.shape[1]
     y = p_clipped[:num_users].astype(jnp.float32)
     k_items, k_global = jax.random.split(key)
     gram = (jnp.matmul(y.T, y, precision=HIGHEST) + noise_std * symmetric_noise(k_global, d))
     y_pad = jnp.concatenate([y, jnp.zeros((1, d), jnp.float32)])
     n_users = float(num_users)
+    g_all = jnp.zeros((num_items, d, d), jnp.float32)
+    b_all = jnp.zeros((num_items, d), jnp.float32)
+    n_all = jnp.zeros((num_items,), jnp.float32)
     for rows, cols in zip(side["rows"], side["cols"]):
-        q_table, y_pad, gram = jax.lax.optimization_barrier((q_table, y_pad, gram))
+        y_pad, g_all = jax.lax.optimization_barrier((y_pad, g_all))
 
         def chunk(args):
             c, r = args
-            g, b, n = noisy_item_statistics(y_pad, c, r, num_users, key=k_items,
-                                            noise_std=noise_std, clip_norm=clip_norm)
-            g = g + alpha0 * gram
-            lam = reg * (jnp.maximum(n, 0.0) + alpha0 * n_users) ** nu
-            e, v = jnp.linalg.eigh(g)
-            coef = jnp.einsum("rde,rd->re", v, b, precision=HIGHEST) / (
-                jnp.maximum(e, 0.0) + lam[:, None])
-            return jnp.einsum("rde,re->rd", v, coef, precision=HIGHEST)
+            return noisy_item_statistics(y_pad, c, r, num_users, key=k_items,
+                                         noise_std=noise_std, clip_norm=clip_norm)
 
-        sols = jax.lax.map(chunk, (cols, rows))
-        q_table = q_table.at[rows.reshape(-1)].set(sols.reshape(-1, d).astype(q_table.dtype),
-                                                    mode="drop")
+        g, b, n = jax.lax.map(chunk, (cols, rows))
+        r = rows.reshape(-1)
+        g_all = g_all.at[r].set(g.reshape(-1, d, d), mode="drop")
+        b_all = b_all.at[r].set(b.reshape(-1, d), mode="drop")
+        n_all = n_all.at[r].set(n.reshape(-1), mode="drop")
+    step = max(1, solve_elements // (d * d))
+    for s in range(0, num_items, step):
+        sl = slice(s, min(s + step, num_items))
+        lam = reg * (jnp.maximum(n_all[sl], 0.0) + alpha0 * n_users) ** nu
+        e, v = jnp.linalg.eigh(g_all[sl] + alpha0 * gram)
+        coef = jnp.einsum("rde,rd->re", v, b_all[sl], precision=HIGHEST) / (
+            jnp.maximum(e, 0.0) + lam[:, None])
+        sol = jnp.einsum("rde,re->rd", v, coef, precision=HIGHEST)
+        q_table = q_table.at[sl].set(sol.astype(q_table.dtype))
     return q_table
 
 
