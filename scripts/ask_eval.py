@@ -149,6 +149,13 @@ def main(argv=None) -> int:
             print(f"{split}/{name}/mrr: {mrr:.4f}")
         if name != "text":
             print(f"{name}/weight_chosen_on_val: {w}")
+    w = ask.PERSONAL_WEIGHT             # what /ask serves (chosen on both query kinds' val)
+    if w in results["val"]["personal"]:
+        for split in ("val", "test"):
+            hr, nd, mrr = results[split]["personal"][w]
+            print(f"{split}/personal_served_w={w}/hr@{k}: {hr:.4f}")
+            print(f"{split}/personal_served_w={w}/ndcg@{k}: {nd:.4f}")
+            print(f"{split}/personal_served_w={w}/mrr: {mrr:.4f}")
     print(f"wall_s: {time.time() - t0:.1f}")
     return 0
 
