@@ -5,7 +5,9 @@
 
 ``--version`` defaults to one more than the highest version already in ``--out-dir`` (TF
 Serving serves the highest); ``--step`` to the run's best checkpoint step. Needs the ``[export]`` extra (TensorFlow); see
-docs/serving.md for the JAX/TensorFlow versions that export and serve.
+docs/serving.md for the JAX/TensorFlow versions that export and serve. Whenever the
+dataset has item text (MovieLens titles and genres, category names, prices) it goes to
+``assets.extra/item_text.json`` for ``POST /ask`` (:mod:`jaxreco.ask`).
 """
 
 from __future__ import annotations
