@@ -46,7 +46,7 @@ def _overrides(name: str, tmp_path) -> list[str]:
         return [f"dataset.path={_instacart_csv(tmp_path / 'instacart.csv')}",
                 "task.prepare.negatives.num=9", "task.next_item.num_sampled=16",
                 "model.dim=8", "model.max_len=6", "model.num_blocks=1"]
-    if name.startswith("ml1m_ncf") or name in ("dp_ials", "federated_ials"):
+    if name.startswith("ml1m_ncf") or name in ("dp_ials", "federated_ials", "ask_ml1m"):
         d = write_ratings_dat(tmp_path / "ml", num_users=40, num_items=120, n=1200)
         return [f"dataset.path={d}", "task.prepare.negatives.num=9", *EMBED]
     if name in ("synthetic_ctr", "ab_simulated"):
