@@ -31,6 +31,12 @@ from flwr.common import (FitIns, FitRes, Parameters, ndarrays_to_parameters,  # 
 log = logging.getLogger("jaxreco")
 
 
+# One client computes at a time: the simulated clients share this process's CPU, and with
+# many client threads running XLA computations at once the XLA CPU runtime stalled here
+# (10 clients on 2 busy cores: every thread idle, no progress).
+_COMPUTE = threading.Lock()
+
+
 class _NumPyClient(flwr.client.NumPyClient):
     def __init__(self, client: fed.Client):
         self.client = client
@@ -39,7 +45,8 @@ class _NumPyClient(flwr.client.NumPyClient):
         return []
 
     def fit(self, parameters, config):
-        stats = self.client.fit(parameters[0])
+        with _COMPUTE:
+            stats = self.client.fit(parameters[0])
         return stats.arrays(), int(self.client.n), {"bytes": stats.nbytes}
 
 
