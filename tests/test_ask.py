@@ -206,3 +206,48 @@ def test_a_version_without_item_text_answers_409(tmp_path):
         with pytest.raises(HTTPException) as e:
             asyncio.run(endpoint(body={"query": "red"}))
         assert e.value.status_code == 500 and "has 2 items, the model 3" in e.value.detail
+
+
+@pytest.mark.slow
+def test_cli_exports_carry_item_text_titles_genres_categories_and_prices(tmp_path):
+    """``jaxreco-export`` writes ``item_text.json`` for a MovieLens run with ``movies.dat``
+    (titles, genres) and for a synthetic run (category names, prices), none for a dataset
+    without text; the price filter then works on the exported catalogue."""
+    pytest.importorskip("tensorflow", reason="export tests need tensorflow-cpu")
+    from tests.conftest import run_cli, write_ratings_dat, write_u_data
+
+    ml = write_ratings_dat(tmp_path / "ml1m", num_users=40, num_items=30, n=900)
+    genres = ("Comedy", "Drama|Romance", "Action|Sci-Fi")
+    (ml / "movies.dat").write_text("".join(f"{i}::Movie {i} (199{i % 10})::{genres[i % 3]}\n"
+                                           for i in range(0, 200)))
+    env = {"JAXRECO_CACHE": str(tmp_path / "cache")}
+    runs = {"ml": ["dataset=movielens-1m", f"dataset.path={ml}"],
+            "synthetic": ["experiment=synthetic_ctr", "dataset.num_interactions=20000",
+                          "dataset.num_users=200", "dataset.num_items=100"],
+            "notext": [f"dataset.path={write_u_data(tmp_path / 'ml-tiny')}"]}
+    for name, args in runs.items():
+        p = run_cli(["jaxreco.cli.train", "debug=smoke", "trainer.epochs=1",
+                     "logger.tensorboard=false", f"hydra.run.dir={tmp_path / name}", *args],
+                    cwd=tmp_path, env_extra=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        p = run_cli(["jaxreco.cli.export", "--run-dir", str(tmp_path / name), "--out-dir",
+                     str(tmp_path / f"models-{name}")], cwd=tmp_path, env_extra=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    def exported(name):
+        v = tmp_path / f"models-{name}" / "1"
+        ids = (v / "assets" / "item_vocab.txt").read_text().split("\n")[:-1]
+        f = v / "assets.extra" / ask.ITEM_TEXT_FILE
+        return ids, (ask.ItemText.load(f) if f.is_file() else None)
+
+    ids, t = exported("ml")
+    assert len(t) == len(ids) and not t.has_price
+    for i, title, tags in zip(ids, t.title, t.tags):
+        assert title == f"Movie {i} (199{int(i) % 10})" and tags == genres[int(i) % 3].replace("|", " ")
+    top, _ = ask.Catalogue(t).ask("sci-fi", 100)
+    assert sorted(top.tolist()) == [j for j, i in enumerate(ids) if int(i) % 3 == 2]
+    ids, t = exported("synthetic")
+    assert t.has_price and len(set(t.tags)) > 5 and all(t.tags)
+    top, _ = ask.Catalogue(t).ask(f"under {np.nanmedian(t.price)}", 1000)
+    assert 0 < len(top) < len(ids) and (t.price[top] <= np.nanmedian(t.price)).all()
+    assert exported("notext")[1] is None
