@@ -169,6 +169,9 @@ def test_ask_endpoint_text_user_session_and_price(served):
     got = [idx[x["item"]] for x in body["items"]]
     assert not {1, 10, 13} & set(got)
     assert got != [i for i in cat.ask("blue", 40)[0].tolist() if i not in (1, 4, 10, 13)][:30]
+    st, body = client.post("/ask", {"query": "blue", "k": 5, "session": ["nope"], "user": 7})
+    assert st == 200 and body["session_known"] == 0 and not body["personalised"], body
+    assert body["user_known"] is False
     # price filter; unknown user: text only
     st, body = client.post("/ask", {"query": "coat under 30", "k": 50, "user": "nobody"})
     assert st == 200 and body["user_known"] is False and not body["personalised"], body

@@ -35,11 +35,13 @@ Id = Annotated[Union[StrictStr, StrictInt], Field(description="A raw id as in th
 def _personal(model, user: str | None, session: list[str] | None) -> tuple[np.ndarray | None, dict]:
     """The shopper's score of every item (NaN = excluded for them), and what was used."""
     info: dict[str, Any] = {"user_known": None, "session_known": None}
-    if session:
+    cut = [(x, "", 0.0) for x in session or () if x in model.item_index][-model.session_cap:]
+    if session is not None:
+        info["session_known"] = len(cut)
+    if cut:
         if not model.has_session:
             raise HTTPException(409, f"model version {model.version} was exported without "
                                      "session_scores: export it again to use a session")
-        cut = [(x, "", 0.0) for x in session if x in model.item_index][-model.session_cap:]
         s, known, sk = model.session_scores([user or ""], [cut])
         info["user_known"] = bool(known[0]) if user is not None else None
         info["session_known"] = int(sk[0])
