@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--dp", action="store_true", help="clip/sample at the clients, noise at "
                     "the server (the config's privacy=dp settings)")
     ap.add_argument("--no-central", action="store_true")
+    ap.add_argument("--engine", choices=("flower", "local"), default="flower",
+                    help="local: the same client/server code in a plain loop, no transport")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -34,7 +36,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose("train", overrides=["name=federated", *a.overrides])
     out = simulate(cfg, num_clients=a.clients, rounds=a.rounds, dp=a.dp,
-                   central=not a.no_central)
+                   central=not a.no_central, engine=a.engine)
     tag = "federated_dp" if a.dp else "federated"
     print(f"clients: {a.clients}")
     print(f"rounds: {a.rounds}")
