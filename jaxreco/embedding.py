@@ -328,12 +328,16 @@ class ShardedTables:
             if fits is not True:         # skewed ids (rare): further rounds, from scratch
                 out = self._rounds(plan, ra, lambda s, sl, o: one_round(s, sl, o)[0],
                                    jnp.where(fits, out, zeros), done=fits)
-            k = ids_parts[0].shape[0]
-            rows = tuple(tuple(out[j * k:(j + 1) * k, edges[i]:edges[i + 1]] for j in range(nf))
+            # Features of a group may differ in length (items [B] with negatives [B·k], a
+            # sequence's [B·L] inputs with [S] candidates): cut ``out`` at each one's offset.
+            offs = [0]
+            for part in ids_parts:
+                offs.append(offs[-1] + part.shape[0])
+            rows = tuple(tuple(out[offs[j]:offs[j + 1], edges[i]:edges[i + 1]]
+                               for j in range(nf))
                          for i in range(len(widths)))
             return rows, (recv, slot, jnp.asarray(fits))
 
-        b = id_feats[0].shape[0]
         f = jax.shard_map(body, mesh=self.mesh,
                           in_specs=([P(ra, None)] * len(tabs), [self._slice_spec()] * nf),
                           out_specs=(tuple(tuple(self._slice_spec(2) for _ in range(nf))
@@ -341,7 +345,7 @@ class ShardedTables:
                                      (self._slice_spec(), self._slice_spec(), P())),
                           check_vma=False)
         rows, plan = f(list(tabs), [self._pad(x, -1) for x in id_feats])
-        return [[r[:b] for r in per_t] for per_t in rows], plan
+        return [[r[:x.shape[0]] for r, x in zip(per_t, id_feats)] for per_t in rows], plan
 
     # ------------------------------------------------------------------ update
     def update(self, tables: Mapping[str, jax.Array], slots: Mapping[str, Any],

@@ -270,3 +270,39 @@ def test_update_without_the_lookups_plan_routes_again_and_agrees():
         np.testing.assert_allclose(np.asarray(s1[k]["acc"]), np.asarray(s2[k]["acc"]),
                                    atol=1e-6, err_msg=k)
         assert float(np.abs(np.asarray(t1[k]) - np.asarray(values[k])).max()) > 0, k
+
+
+@pytest.mark.parametrize("preset", ["dp_mp", "mp", "dp"])
+def test_group_features_of_different_lengths_look_up_and_update_exactly(preset):
+    # One table read through features of different lengths (items [B] with negatives [B·k],
+    # a sequence's [B·L] inputs with [S] candidates): each feature gets its own rows, and the
+    # update equals the single-device one.
+    feats = dict(MF.table_features, item_embed=("item", "neg_item"))
+    rng = np.random.default_rng(5)
+    b = {"user": rng.integers(0, USERS, BATCH).astype(np.int32),
+         "item": rng.integers(0, ITEMS, BATCH).astype(np.int32),
+         "neg_item": rng.integers(0, ITEMS, 3 * BATCH).astype(np.int32)}
+    out = {}
+    for name in ("single", preset):
+        axes, rules = _preset(name)
+        mesh = make_mesh(axes)
+        row_opt = optim.row_optimizer("adagrad", lr=0.05)
+        _, state, _ = create_state(
+            lambda: MF(USERS, ITEMS, dim=DIM, init_std=0.1, global_bias=3.0, rngs=nnx.Rngs(0)),
+            row_opt, optim.dense_optimizer("adam", 0.01), mesh, rules)
+        tables = ShardedTables(mesh, rules, table_axes(state.tables), feats, row_opt)
+        values, slots = state.table_values(), state.table_opt
+
+        def f(v, s, b):
+            rows, plans = tables.lookup_and_plan(v, b)
+            grads = jax.tree.map(lambda r: 0.1 * r + 0.01, rows)
+            return rows, tables.update(v, s, b, grads, jnp.int32(0), plans)
+        rows, (new_v, _) = jax.block_until_ready(jax.jit(f)(values, slots, b))
+        want = np.asarray(values["item_embed"])
+        np.testing.assert_allclose(np.asarray(rows["item_embed"]["neg_item"]),
+                                   want[b["neg_item"]], rtol=0, atol=0)
+        np.testing.assert_allclose(np.asarray(rows["item_embed"]["item"]), want[b["item"]],
+                                   rtol=0, atol=0)
+        out[name] = {t: np.asarray(v) for t, v in new_v.items()}
+    for t in out["single"]:
+        np.testing.assert_allclose(out[preset][t], out["single"][t], rtol=1e-6, atol=1e-7)
