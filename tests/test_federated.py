@@ -10,7 +10,7 @@ import pytest
 from jaxreco.federated import ials as fed
 from jaxreco.federated.simulate import simulate
 
-from conftest import write_ratings_dat
+from tests.conftest import write_ratings_dat
 from support import compose_train
 
 

@@ -14,7 +14,7 @@ from jaxreco import config
 from jaxreco.privacy import accounting, dp_ials
 from jaxreco.train import ials
 
-from conftest import write_ratings_dat
+from tests.conftest import write_ratings_dat
 from support import compose_train, train
 
 
