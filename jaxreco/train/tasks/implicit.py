@@ -58,6 +58,48 @@ def check_embed_mlp(cfg, kind: str) -> None:
                          f"got model.name={cfg.model.name!r}")
 
 
+
+def rankers(task: Task, graphdef, abstract_model, seen, warm: np.ndarray,
+            **evaluator_kw) -> dict[str, evaluate_lib.RankingEvaluator]:
+    """A :class:`~jaxreco.evaluate.RankingEvaluator` per held-out split of ``task``.
+
+    ``seen``: the ``(user, item)`` interactions excluded from full ranking (training's);
+    ``warm``: bool [num_users], users with something learnt. A user without it has no learnt
+    vector: ranked by nothing the model learnt, such rows are left out (counted in
+    ``<split>/cold_*``). Testing excludes the val interactions too: they are known before the
+    test item."""
+    out = {}
+    seen = tuple(seen)
+    for s in ("val", "test"):
+        if not len(task.split[s]["user"]):
+            continue
+        held = task.positives(s)
+        task.check_evaluable(s)
+        ranked = tuple(x[warm[held[0]]] for x in held)
+        cand = task.candidates.get(s)
+        if cand is not None:
+            cand = {k: v[warm[cand["user"]]] for k, v in cand.items()}
+        out[s] = evaluate_lib.RankingEvaluator(
+            graphdef, abstract_model, num_users=task.num_users, num_items=task.num_items,
+            seen=seen, held_out=ranked, candidates=cand, ks=task.ks,
+            chunk_elements=int(task.tc.eval_chunk_elements), **evaluator_kw)
+        seen = (np.concatenate([seen[0], held[0]]), np.concatenate([seen[1], held[1]]))
+    return out
+
+
+def ranking_figures(task: Task, state, split: str, full: bool = False) -> dict[str, float]:
+    """Sampled figures (when the split has stored candidates) and full-ranking ones (when
+    asked, or without candidates; ``full/seconds`` their time) of ``task.rankers[split]``."""
+    r = task.rankers[split]
+    out = {}
+    if split in task.candidates:
+        out.update(r.sampled(state))
+    if full or split not in task.candidates:
+        t = time.time()
+        out.update({f"full/{k}": v for k, v in r.full(state).items()})
+        out["full/seconds"] = time.time() - t
+    return out
+
 class ImplicitTask(Task):
     kind = "implicit"
     headline = ("test/hr@10", "test/ndcg@10", "test/full/hr@10", "test/full/ndcg@10")
@@ -118,36 +160,10 @@ class ImplicitTask(Task):
         return batch
 
     def setup(self, graphdef, tables, abstract_model, in_sharding, mesh):
-        self.rankers = {}
-        seen = list(self.positives("train"))
         warm = np.zeros(self.num_users, bool)
         warm[self.train_cols["user"]] = True
-        for s in ("val", "test"):
-            if not len(self.split[s]["user"]):
-                continue
-            held = self.positives(s)
-            # a user without a train positive has no learnt vector: ranked by nothing the
-            # model learnt, such rows are left out (counted in <split>/cold_*)
-            self.check_evaluable(s)
-            ranked = tuple(x[warm[held[0]]] for x in held)
-            cand = self.candidates.get(s)
-            if cand is not None:
-                cand = {k: v[warm[cand["user"]]] for k, v in cand.items()}
-            self.rankers[s] = evaluate_lib.RankingEvaluator(
-                graphdef, abstract_model, num_users=self.num_users, num_items=self.num_items,
-                seen=tuple(seen), held_out=ranked, candidates=cand,
-                item_side=self.item_side, ks=self.ks,
-                chunk_elements=int(self.tc.eval_chunk_elements))
-            # testing excludes the val interactions too: they are known before the test item
-            seen = [np.concatenate([seen[0], held[0]]), np.concatenate([seen[1], held[1]])]
+        self.rankers = rankers(self, graphdef, abstract_model, self.positives("train"), warm,
+                               item_side=self.item_side)
 
     def evaluate(self, state, split: str, full: bool = False) -> dict[str, float]:
-        r = self.rankers[split]
-        out = {}
-        if split in self.candidates:
-            out.update(r.sampled(state))
-        if full or split not in self.candidates:
-            t = time.time()
-            out.update({f"full/{k}": v for k, v in r.full(state).items()})
-            out["full/seconds"] = time.time() - t
-        return out
+        return ranking_figures(self, state, split, full)

@@ -32,14 +32,14 @@ Everything random (crop windows, sampled items, dropout) is drawn from
 from __future__ import annotations
 
 import logging
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreco import evaluate as evaluate_lib, models
+from jaxreco import models
 from jaxreco.train.tasks.base import PreparedData, Task
+from jaxreco.train.tasks.implicit import rankers, ranking_figures
 
 log = logging.getLogger("jaxreco")
 _NEG = -1e9
@@ -247,33 +247,9 @@ class NextItemTask(Task):
         return out
 
     def setup(self, graphdef, tables, abstract_model, in_sharding, mesh):
-        self.rankers = {}
-        feats = self.user_features()
-        seen = (self.seq.user, self.seq.item.astype(np.int64))
-        warm = self.seq.length > 0
-        for s in ("val", "test"):
-            if not len(self.split[s]["user"]):
-                continue
-            held = self.positives(s)
-            self.check_evaluable(s)
-            ranked = tuple(x[warm[held[0]]] for x in held)
-            cand = self.candidates.get(s)
-            if cand is not None:
-                cand = {k: v[warm[cand["user"]]] for k, v in cand.items()}
-            self.rankers[s] = evaluate_lib.RankingEvaluator(
-                graphdef, abstract_model, num_users=self.num_users, num_items=self.num_items,
-                seen=seen, held_out=ranked, candidates=cand, ks=self.ks,
-                chunk_elements=int(self.tc.eval_chunk_elements), user_features=feats)
-            # testing excludes the val interactions too: they are known before the test item
-            seen = (np.concatenate([seen[0], held[0]]), np.concatenate([seen[1], held[1]]))
+        self.rankers = rankers(self, graphdef, abstract_model,
+                               (self.seq.user, self.seq.item.astype(np.int64)),
+                               self.seq.length > 0, user_features=self.user_features())
 
     def evaluate(self, state, split: str, full: bool = False) -> dict[str, float]:
-        r = self.rankers[split]
-        out = {}
-        if split in self.candidates:
-            out.update(r.sampled(state))
-        if full or split not in self.candidates:
-            t = time.time()
-            out.update({f"full/{k}": v for k, v in r.full(state).items()})
-            out["full/seconds"] = time.time() - t
-        return out
+        return ranking_figures(self, state, split, full)
