@@ -81,3 +81,16 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout=6
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def cli_train_export(tmp_path: Path, runs: dict[str, list[str]], env_extra: dict) -> None:
+    """For each ``name: overrides`` of ``runs``: ``jaxreco-train debug=smoke`` (one epoch, no
+    TensorBoard) into ``tmp_path/name``, then ``jaxreco-export`` into ``tmp_path/models-name``."""
+    for name, args in runs.items():
+        p = run_cli(["jaxreco.cli.train", "debug=smoke", "trainer.epochs=1",
+                     "logger.tensorboard=false", f"hydra.run.dir={tmp_path / name}", *args],
+                    cwd=tmp_path, env_extra=env_extra)
+        assert p.returncode == 0, p.stderr[-3000:]
+        p = run_cli(["jaxreco.cli.export", "--run-dir", str(tmp_path / name), "--out-dir",
+                     str(tmp_path / f"models-{name}")], cwd=tmp_path, env_extra=env_extra)
+        assert p.returncode == 0, p.stderr[-3000:]

@@ -217,7 +217,7 @@ def test_cli_exports_carry_item_text_titles_genres_categories_and_prices(tmp_pat
     (titles, genres) and for a synthetic run (category names, prices), none for a dataset
     without text; the price filter then works on the exported catalogue."""
     pytest.importorskip("tensorflow", reason="export tests need tensorflow-cpu")
-    from tests.conftest import run_cli, write_ratings_dat, write_u_data
+    from tests.conftest import cli_train_export, write_ratings_dat, write_u_data
 
     ml = write_ratings_dat(tmp_path / "ml1m", num_users=40, num_items=30, n=900)
     genres = ("Comedy", "Drama|Romance", "Action|Sci-Fi")
@@ -228,14 +228,7 @@ def test_cli_exports_carry_item_text_titles_genres_categories_and_prices(tmp_pat
             "synthetic": ["experiment=synthetic_ctr", "dataset.num_interactions=20000",
                           "dataset.num_users=200", "dataset.num_items=100"],
             "notext": [f"dataset.path={write_u_data(tmp_path / 'ml-tiny')}"]}
-    for name, args in runs.items():
-        p = run_cli(["jaxreco.cli.train", "debug=smoke", "trainer.epochs=1",
-                     "logger.tensorboard=false", f"hydra.run.dir={tmp_path / name}", *args],
-                    cwd=tmp_path, env_extra=env)
-        assert p.returncode == 0, p.stderr[-3000:]
-        p = run_cli(["jaxreco.cli.export", "--run-dir", str(tmp_path / name), "--out-dir",
-                     str(tmp_path / f"models-{name}")], cwd=tmp_path, env_extra=env)
-        assert p.returncode == 0, p.stderr[-3000:]
+    cli_train_export(tmp_path, runs, env)
 
     def exported(name):
         v = tmp_path / f"models-{name}" / "1"

@@ -286,20 +286,13 @@ def test_category_cap_works_on_a_cli_exported_model_and_is_refused_without_categ
     pytest.importorskip("tensorflow", reason="export tests need tensorflow-cpu")
     from jaxreco.serve.model import ServedModel
     from jaxreco.serve.rules import BusinessRules, RulesError, top_k
-    from tests.conftest import run_cli, write_u_data
+    from tests.conftest import cli_train_export, write_u_data
 
     env = {"JAXRECO_CACHE": str(tmp_path / "cache")}
     runs = {"synthetic": ["experiment=synthetic_ctr", "dataset.num_interactions=20000",
                           "dataset.num_users=200", "dataset.num_items=100"],
             "ml": [f"dataset.path={write_u_data(tmp_path / 'ml-tiny')}"]}
-    for name, args in runs.items():
-        p = run_cli(["jaxreco.cli.train", "debug=smoke", "trainer.epochs=1",
-                     "logger.tensorboard=false", f"hydra.run.dir={tmp_path / name}", *args],
-                    cwd=tmp_path, env_extra=env)
-        assert p.returncode == 0, p.stderr[-3000:]
-        p = run_cli(["jaxreco.cli.export", "--run-dir", str(tmp_path / name), "--out-dir",
-                     str(tmp_path / f"models-{name}")], cwd=tmp_path, env_extra=env)
-        assert p.returncode == 0, p.stderr[-3000:]
+    cli_train_export(tmp_path, runs, env)
     m = ServedModel(tmp_path / "models-synthetic" / "1", rules=BusinessRules(max_per_category=1))
     assert len(set(m.item_category.tolist())) > 5
     users = [str(u) for u in range(8)]
