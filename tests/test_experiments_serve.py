@@ -19,7 +19,13 @@ from tests.conftest import write_ratings_dat, write_u_data  # noqa: E402
 from tests.support import ROOT, train  # noqa: E402
 from tests.test_export_run import _obd_wheel  # noqa: E402
 
-EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+# Experiments whose export path another experiment of the default run already takes (the
+# sequential export: ml1m_sasrec; iALS/dot fold-in: ml1m_ncf_mf*): they run in the slow job
+# (`pytest -m slow`), keeping the default run within its time budget.
+SLOW = {"synthetic_session_sasrec", "instacart_sasrec", "dp_ials", "federated_ials", "ask_ml1m",
+        "instacart_complement", "ml1m_ncf_neumf_pretrained"}
+EXPERIMENTS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+               for n in sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))]
 SMALL = ["trainer.epochs=1", "trainer.batch_size=64", "trainer.progress_bar=false",
          "trainer.async_checkpoint=false", "logger.tensorboard=false", "mesh.axes.data=1",
          "mesh.axes.model=1"]

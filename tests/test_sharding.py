@@ -272,7 +272,8 @@ def test_update_without_the_lookups_plan_routes_again_and_agrees():
         assert float(np.abs(np.asarray(t1[k]) - np.asarray(values[k])).max()) > 0, k
 
 
-@pytest.mark.parametrize("preset", ["dp_mp", "mp", "dp"])
+@pytest.mark.parametrize("preset", ["dp_mp", pytest.param("mp", marks=pytest.mark.slow),
+                                    pytest.param("dp", marks=pytest.mark.slow)])
 def test_group_features_of_different_lengths_look_up_and_update_exactly(preset):
     # One table read through features of different lengths (items [B] with negatives [B·k],
     # a sequence's [B·L] inputs with [S] candidates): each feature gets its own rows, and the
