@@ -1,7 +1,7 @@
 """The sequential model in the SavedModel: ``session_scores`` runs the encoder on (the user's
 latest training items, the session's known items) cut to the last ``max_len``, with event
 types and time gaps, and matches JAX on 1,000 sessions in a process without JAX (scores
-within 1e-5, identical top-k). Marked slow (``pytest -m slow``)."""
+within 1e-5, identical top-k)."""
 
 from __future__ import annotations
 
@@ -101,8 +101,6 @@ def _reference(fns, hist, seen, users, items, events, ts):
     return out, np.asarray(has)
 
 
-@pytest.mark.slow  # ~30 s; the default run exports and serves a session for every
-# sequential experiment (tests/test_experiments_serve.py)
 def test_sequential_session_scores_match_jax_on_1000_sessions_without_jax(tmp_path):
     model = Sequential(ITEMS, 128, max_len=L, dim=16, num_blocks=2, num_heads=2, dropout=0.2,
                        num_events=5, use_gaps=True, init_std=0.3, rngs=nnx.Rngs(0))

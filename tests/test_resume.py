@@ -129,10 +129,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, ml_dir, refe
 @pytest.mark.parametrize("first, second", [
     (["mesh=dp_mp", "mesh.axes.data=4", "mesh.axes.model=2"],
      ["mesh=dp_mp", "mesh.axes.data=8", "mesh.axes.model=1"]),
-    (["mesh=dp_mp", "mesh.axes.data=4", "mesh.axes.model=2"], ["mesh=single"]),
-    (["mesh=dp_mp", "mesh.axes.data=8", "mesh.axes.model=1"],
-     ["mesh=dp_mp", "mesh.axes.data=4", "mesh.axes.model=2"]),
-    (["mesh=single"], ["mesh=mp"]),
+    # the other directions run in the slow job (default-run time budget)
+    pytest.param(["mesh=dp_mp", "mesh.axes.data=4", "mesh.axes.model=2"], ["mesh=single"],
+                 marks=pytest.mark.slow),
+    pytest.param(["mesh=dp_mp", "mesh.axes.data=8", "mesh.axes.model=1"],
+                 ["mesh=dp_mp", "mesh.axes.data=4", "mesh.axes.model=2"],
+                 marks=pytest.mark.slow),
+    pytest.param(["mesh=single"], ["mesh=mp"], marks=pytest.mark.slow),
 ])
 def test_restore_onto_a_different_mesh(tmp_path, ml_dir, reference, first, second):
     out = tmp_path / "reshard"

@@ -184,7 +184,7 @@ def test_dp_mp_rows_have_one_owner_and_use_routing():
     assert len({s.index[0].start for s in t.addressable_shards}) == 8     # no replica
 
 
-@pytest.mark.parametrize("optimizer", ["adagrad", "lazy_adam"])
+@pytest.mark.parametrize("optimizer", ["adagrad", pytest.param("lazy_adam", marks=pytest.mark.slow)])
 def test_capacity_overflow_takes_extra_rounds_and_stays_exact(optimizer):
     # Zipf ids with capacity 1 per (device, owner): most batches overflow.
     rounds = _check_same(_batches(6), optimizer=optimizer, capacity_factor=0.01)
