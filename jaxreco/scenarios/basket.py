@@ -31,6 +31,19 @@ class ComplementError(ValueError):
     """Bad basket data or a bad complement file; the message names what was wrong."""
 
 
+def _load_npz(path, what: str, need: set[str]):
+    """``np.load(path)`` holding at least the arrays ``need``; a ComplementError naming the
+    file and what is missing otherwise."""
+    try:
+        z = np.load(path, allow_pickle=False)
+        files = set(z.files)
+    except (OSError, ValueError) as e:
+        raise ComplementError(f"cannot read {what} {path}: {e}") from e
+    if not need <= files:
+        raise ComplementError(f"{path}: not {what}; missing arrays {sorted(need - files)}")
+    return z
+
+
 @dataclasses.dataclass
 class BasketModel:
     """The trained complement model: numpy ``ctx [I, d]``, ``out [I, d]``, ``bias [I]``,
@@ -109,15 +122,8 @@ class BasketModel:
 
     @classmethod
     def load(cls, path: str | Path) -> "BasketModel":
-        try:
-            z = np.load(path, allow_pickle=False)
-            files = set(z.files)
-        except (OSError, ValueError) as e:
-            raise ComplementError(f"cannot read complement model {path}: {e}") from e
-        need = {"kind", "ctx", "out", "bias", "nbr", "w", "item_ids"}
-        if not need <= files:
-            raise ComplementError(f"{path}: not a complement model; missing arrays "
-                                  f"{sorted(need - files)}")
+        z = _load_npz(path, "complement model",
+                      {"kind", "ctx", "out", "bias", "nbr", "w", "item_ids"})
         if str(z["kind"]) != "basket_softmax":
             raise ComplementError(f"{path}: kind={str(z['kind'])!r}, expected 'basket_softmax'")
         ctx, out, bias, nbr, w = z["ctx"], z["out"], z["bias"], z["nbr"], z["w"]
@@ -129,7 +135,7 @@ class BasketModel:
                                   f"{n} item ids")
         if nbr.size and (nbr.min() < 0 or nbr.max() > n):
             raise ComplementError(f"{path}: nbr holds indices outside [0, {n}]")
-        info = json.loads(str(z["info"])) if "info" in files else {}
+        info = json.loads(str(z["info"])) if "info" in z.files else {}
         return cls(ctx.astype(np.float32), out.astype(np.float32), bias.astype(np.float32),
                    nbr.astype(np.int64), w.astype(np.float32), z["item_ids"].astype(str), info)
 
@@ -214,14 +220,8 @@ class CoPurchaseStats:
 
     @classmethod
     def load(cls, path: str | Path) -> "CoPurchaseStats":
-        try:
-            z = np.load(path, allow_pickle=False)
-            files = set(z.files)
-        except (OSError, ValueError) as e:
-            raise ComplementError(f"cannot read co-purchase statistics {path}: {e}") from e
-        need = {"indptr", "indices", "counts", "freq", "num_baskets"}
-        if not need <= files:
-            raise ComplementError(f"{path}: missing arrays {sorted(need - files)}")
+        z = _load_npz(path, "co-purchase statistics",
+                      {"indptr", "indices", "counts", "freq", "num_baskets"})
         s = cls(z["indptr"].astype(np.int64), z["indices"].astype(np.int64),
                 z["counts"].astype(np.float64), z["freq"].astype(np.float64),
                 int(z["num_baskets"]))
