@@ -37,8 +37,10 @@ Every run first removes the staging and scratch directories of runs that were ki
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import dataclasses
 import enum
+import fcntl
 import hashlib
 import json
 import math
@@ -259,19 +261,63 @@ def prepare(cfg: Any) -> dict[str, Any]:
 
     scratch_parent = prep["temp_dir"] or (os.path.dirname(os.path.abspath(out))
                                          if storage.is_local(out) else None)
-    _remove_stale_temp_dirs(out, scratch_parent)
     src = open_source(ds, on_bad_rows=prep["on_bad_rows"])
     key = config_key(ds, prep, src.fingerprint)
-    if storage.exists(storage.join(out, storage.METADATA)):
-        try:
-            old = storage.read_metadata(out)
-        except DataError:
-            old = {}
-        if old.get("config_sha256") == key:
-            print(f"[prepare] {out} is up to date (config sha256 {key[:12]}); nothing to do",
-                  file=sys.stderr)
-            return dict(old, noop=True)
+    up_to_date = _up_to_date(out, key)
+    if up_to_date is not None:
+        return up_to_date
+    # Two processes of one host (a multi-process run, two sweep jobs) may prepare the same
+    # dataset at once: one prepares, the other waits and then finds it up to date; without
+    # the lock the second would replace the directory while the first reads it.
+    with _exclusive(out):
+        up_to_date = _up_to_date(out, key)
+        if up_to_date is not None:
+            return up_to_date
+        _remove_stale_temp_dirs(out, scratch_parent)
+        return _prepare_locked(src, ds, prep, out, key, scratch_parent, progress, t_start)
 
+
+def _up_to_date(out: str, key: str) -> dict[str, Any] | None:
+    """The metadata of ``out`` (with ``noop=True``) when it was prepared with ``key``."""
+    if not storage.exists(storage.join(out, storage.METADATA)):
+        return None
+    try:
+        old = storage.read_metadata(out)
+    except DataError:
+        return None
+    if old.get("config_sha256") != key:
+        return None
+    print(f"[prepare] {out} is up to date (config sha256 {key[:12]}); nothing to do",
+          file=sys.stderr)
+    return dict(old, noop=True)
+
+
+@contextlib.contextmanager
+def _exclusive(out: str) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``<out>.lock`` beside a local ``out`` (remote outputs:
+    no lock). The lock file is left in place: deleting it would let a third process lock a
+    new inode while a second still holds the old one."""
+    if not storage.is_local(out):
+        yield
+        return
+    final = os.path.abspath(storage._local(out))
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    fd = os.open(f"{final}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[prepare] another process is preparing {out}; waiting for it",
+                  file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _prepare_locked(src, ds: dict, prep: dict, out: str, key: str,
+                    scratch_parent: str | None, progress: "_Progress",
+                    t_start: float) -> dict[str, Any]:
     if scratch_parent:
         os.makedirs(scratch_parent, exist_ok=True)
     scratch = storage.make_owned_dir(prefix=SCRATCH_PREFIX, parent=scratch_parent)

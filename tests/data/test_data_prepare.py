@@ -102,6 +102,29 @@ def test_rerun_is_noop_and_config_change_is_not(run_prepare):
     assert not m3.get("noop") and m3["config_sha256"] != m1["config_sha256"]
 
 
+def test_concurrent_prepares_of_one_dataset_prepare_it_once(run_prepare):
+    """Two processes of a multi-process run prepare the same dataset at once: one writes it,
+    the other waits on the lock and finds it up to date (it never replaces the directory
+    under the first one's readers)."""
+    import threading
+    start, results, errors = threading.Barrier(2), [], []
+
+    def one():
+        start.wait()
+        try:
+            results.append(run_prepare(SYN)[0])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert sorted(bool(m.get("noop")) for m in results) == [False, True]
+    assert results[0]["config_sha256"] == results[1]["config_sha256"]
+
+
 def test_leakage_check_catches_planted_leak(run_prepare):
     meta, out = run_prepare(SYN, split={"kind": "leave_last_out"})
     sp = _all(out)
@@ -197,7 +220,7 @@ def test_interrupted_prepare_leaves_no_dataset(tmp_path, run_prepare, monkeypatc
         run_prepare(SYN, negatives={"num": 7})              # a different config, interrupted
     # the old complete dataset is still there, untouched; no staging dirs are left behind
     assert storage.read_metadata(out)["config_sha256"] == meta["config_sha256"]
-    assert [p for p in os.listdir(tmp_path) if p != "out"] == []
+    assert [p for p in os.listdir(tmp_path) if p not in ("out", "out.lock")] == []
     os.remove(os.path.join(out, "metadata.json"))
     with pytest.raises(DataError, match="no metadata.json"):
         load_split(out, "train")
