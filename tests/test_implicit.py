@@ -117,6 +117,7 @@ def _scores(run_dir, users, items):
     return np.asarray(model.score(gather_rows(r.state.table_values(), batch, feats), batch))
 
 
+@pytest.mark.slow  # ~22 s: three trainings
 def test_neumf_pretrained_from_gmf_and_mlp_runs_scores_their_mixture(tmp_path, ml_dir):
     mlp = ["model.combiner=mlp", "model.dim=8", "model.mlp_dims=[16,8]", "model.bias=false"]
     _train(tmp_path, ml_dir, "model.combiner=gmf", "model.bias=false", "trainer.epochs=2",

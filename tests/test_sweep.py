@@ -263,6 +263,7 @@ def submitit_run(tmp_path_factory, tiny):
     return p, out / "0"
 
 
+@pytest.mark.slow  # two processes through submitit: ~20 s; tests/test_multiprocess.py covers two processes in the default run
 def test_submitit_launcher_initializes_jax_distributed(submitit_run):
     p, run = submitit_run
     log = (run / "train.log").read_text()
@@ -272,6 +273,7 @@ def test_submitit_launcher_initializes_jax_distributed(submitit_run):
     assert json.loads((run / "run.json").read_text())["process_count"] == 2
 
 
+@pytest.mark.slow  # two processes through submitit: ~20 s; tests/test_multiprocess.py covers two processes in the default run
 def test_two_process_run_matches_one_process(submitit_run, sweep2x2):
     p, run = submitit_run
     assert not (run / "error.json").exists(), (run / "error.json").read_text()[-1500:]
