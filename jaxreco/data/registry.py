@@ -23,6 +23,7 @@ SOURCES: dict[str, SourceFn] = {
     "from-files": from_files.source,
     "instacart-sample": instacart.source,
     "synthetic-ecommerce": synthetic.source,
+    "synthetic-coupons": synthetic.coupon_source,
     "zozotown-obd": zozotown.source,
     "events": events.source,
 }

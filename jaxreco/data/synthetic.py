@@ -31,7 +31,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from jaxreco.config import SyntheticEcommerceConfig
+from jaxreco.config import SyntheticCouponsConfig, SyntheticEcommerceConfig
 from jaxreco.data.readers import Source
 
 
@@ -240,4 +240,161 @@ def source(cfg: Mapping[str, Any], *, on_bad_rows: str = "error") -> Source:
         category_vocab=np.array([f"c{k}" for k in range(p.num_categories)]),
         fingerprint={"generator": dataclasses.asdict(p), "version": 1},
         extra_columns={"label": "float32", "event": "int8"},
+    )
+
+
+# ---------------------------------------------------------------------- coupons
+# ``synthetic-coupons`` (conf/dataset/synthetic-coupons.yaml): a randomized coupon-exposure
+# log with a known per-user price sensitivity, so the true uplift of every (user, coupon) is
+# known. Users' category preferences π_u and latents w_u come from the same story as above
+# (``user_truth``, centroids c_k of ``item_truth``). Per user, a segment s_u (shares
+# ``segment_share``) and a sensitivity β_u = segment_sensitivity[s_u] · exp(noise · N(0, 1));
+# per category, an elasticity e_k = exp(U(−spread, spread)), a basket value B_k (log-normal,
+# like prices) and a margin rate m_k ~ U(0.2, 0.5). An exposure shows user u a coupon of
+# category k (drawn from share·π_u + (1 − share)·uniform) at a discount level l drawn
+# uniformly from ``discount_levels`` (percent d_l; d_0 = 0 is the control: no coupon), and
+# the user buys with
+#
+#     P(buy | u, k, l) = σ(base_bias + affinity · w_u·c_k / √d + β_u e_k d_l / 10),
+#
+# so the true uplift of coupon (k, l) for u is P(buy | u, k, l) − P(buy | u, k, 0) and its
+# expected incremental value uplift · B_k m_k (:class:`CouponTruth`). Rows: ``user``,
+# ``item`` = the coupon's category ``c<k>`` (the unit a coupon targets), ``timestamp``,
+# ``label`` (bought), ``discount`` (the level index l, int8). Deterministic by seed; the
+# ``synthetic-ecommerce`` rows above are untouched by it.
+
+COUPON_BLOCK_USERS = 50_000
+
+
+@dataclasses.dataclass(frozen=True)
+class CouponTruth:
+    """The ground truth of a ``synthetic-coupons`` log (:func:`coupon_truth`)."""
+
+    levels: np.ndarray        # float64 [L] discount percent per level, levels[0] == 0
+    prefs: np.ndarray         # float32 [U, K] category preferences
+    affinity: np.ndarray      # float64 [U, K] affinity · w_u·c_k / √d
+    segment: np.ndarray       # int32 [U]
+    sensitivity: np.ndarray   # float64 [U] β_u (logit per 10% discount)
+    elasticity: np.ndarray    # float64 [K] e_k
+    basket_value: np.ndarray  # float64 [K] B_k
+    margin_rate: np.ndarray   # float64 [K] m_k
+    base_bias: float
+
+    def p_buy(self, users, cats, levels) -> np.ndarray:
+        """``P(buy | u, k, l)`` of raw user ids, category indices and level indices."""
+        u, k, lv = (np.asarray(x, np.int64) for x in (users, cats, levels))
+        z = (self.base_bias + self.affinity[u, k]
+             + self.sensitivity[u] * self.elasticity[k] * self.levels[lv] / 10.0)
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def uplift(self, users, cats, levels) -> np.ndarray:
+        """``P(buy | u, k, l) − P(buy | u, k, 0)``: the true uplift of the coupon."""
+        return self.p_buy(users, cats, levels) - self.p_buy(users, cats, np.zeros_like(levels))
+
+    def margin(self, cats) -> np.ndarray:
+        """``B_k m_k``: the money margin of an order of category k."""
+        k = np.asarray(cats, np.int64)
+        return self.basket_value[k] * self.margin_rate[k]
+
+
+def _check_coupons(c: Mapping[str, Any]) -> None:
+    where = "dataset (synthetic-coupons)"
+    lv = list(c["discount_levels"])
+    if len(lv) < 2 or lv[0] != 0 or any(b <= a for a, b in zip(lv, lv[1:])) or lv[-1] >= 100:
+        raise ValueError(f"{where}.discount_levels={lv}: must start at 0 (the control), rise "
+                         "strictly and stay below 100 (percent)")
+    share, sens = list(c["segment_share"]), list(c["segment_sensitivity"])
+    if len(share) != len(sens) or not share:
+        raise ValueError(f"{where}.segment_share ({len(share)} values) and "
+                         f"segment_sensitivity ({len(sens)}) must have the same length >= 1")
+    if min(share) < 0 or abs(sum(share) - 1.0) > 1e-6:
+        raise ValueError(f"{where}.segment_share={share}: must be >= 0 and sum to 1")
+    if min(sens) < 0:
+        raise ValueError(f"{where}.segment_sensitivity={sens}: must be >= 0 (a discount never "
+                         "lowers the purchase probability)")
+    for f in ("num_users", "num_categories", "dim"):
+        if int(c[f]) < 1:
+            raise ValueError(f"{where}.{f}={c[f]}: must be >= 1")
+    if not 0.0 <= float(c["relevant_share"]) <= 1.0:
+        raise ValueError(f"{where}.relevant_share={c['relevant_share']}: must lie in [0, 1]")
+
+
+def _coupon_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    c = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+         for f in dataclasses.fields(SyntheticCouponsConfig)}
+    c.update({k: (list(v) if isinstance(c[k], list) else v)
+              for k, v in dict(cfg).items() if k in c})
+    _check_coupons(c)
+    return c
+
+
+def coupon_truth(cfg: Mapping[str, Any]) -> CouponTruth:
+    """The ground truth of the ``synthetic-coupons`` dataset ``cfg`` (a config node or dict;
+    missing keys take the schema's defaults)."""
+    c = _coupon_cfg(cfg)
+    U, K, d = int(c["num_users"]), int(c["num_categories"]), int(c["dim"])
+    p = Params(num_users=U, num_categories=K, dim=d,
+               dirichlet_alpha=float(c["dirichlet_alpha"]), seed=int(c["seed"]))
+    truth = item_truth(p)
+    prefs, latent = user_truth(p, truth, 0, U)
+    aff = float(c["affinity"]) * (latent.astype(np.float64) @ truth.centroids.T.astype(
+        np.float64)) / np.sqrt(d)
+    rng = np.random.default_rng([int(c["seed"]), 0xC0C0])
+    share = np.asarray(c["segment_share"], np.float64)
+    segment = rng.choice(len(share), size=U, p=share / share.sum()).astype(np.int32)
+    sens = (np.asarray(c["segment_sensitivity"], np.float64)[segment]
+            * np.exp(float(c["sensitivity_noise"]) * rng.standard_normal(U)))
+    spread = float(c["elasticity_spread"])
+    elasticity = np.exp(rng.uniform(-spread, spread, K))
+    basket_value = np.exp(rng.normal(3.0, 0.5, K))
+    margin_rate = rng.uniform(0.2, 0.5, K)
+    return CouponTruth(np.asarray(c["discount_levels"], np.float64), prefs, aff, segment, sens,
+                       elasticity, basket_value, margin_rate, float(c["base_bias"]))
+
+
+def coupon_blocks(cfg: Mapping[str, Any], truth: CouponTruth | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """The exposure log in blocks of whole users (each block seeded by its first user),
+    rows of a user in time order."""
+    c = _coupon_cfg(cfg)
+    truth = truth or coupon_truth(c)
+    U, K, L = int(c["num_users"]), int(c["num_categories"]), len(truth.levels)
+    share = float(c["relevant_share"])
+    for lo in range(0, U, COUPON_BLOCK_USERS):
+        hi = min(U, lo + COUPON_BLOCK_USERS)
+        rng = np.random.default_rng([int(c["seed"]), 0xC0C1, lo])
+        n = rng.poisson(float(c["exposures_per_user"]), hi - lo)
+        user = np.repeat(np.arange(lo, hi, dtype=np.int64), n)
+        m = len(user)
+        mix = share * truth.prefs[user] + (1.0 - share) / K
+        cdf = np.cumsum(mix, axis=1)
+        r = rng.random(m) * cdf[:, -1]
+        cat = np.minimum((cdf < r[:, None]).sum(1), K - 1)
+        level = rng.integers(0, L, m)
+        bought = rng.random(m) < truth.p_buy(user, cat, level)
+        ts = int(c["start_ts"]) + rng.integers(0, int(c["days"]) * 86400, m)
+        order = np.lexsort((ts, user))
+        yield {"user": user[order].astype(np.int32), "item": cat[order].astype(np.int32),
+               "timestamp": ts[order].astype(np.int64),
+               "label": bought[order].astype(np.float32),
+               "discount": level[order].astype(np.int8)}
+
+
+def coupon_source(cfg: Mapping[str, Any], *, on_bad_rows: str = "error") -> Source:
+    """The :class:`Source` for ``conf/dataset/synthetic-coupons.yaml``: items are the coupon
+    categories ``c<k>`` (with ``category`` and ``price`` = basket value side features)."""
+    c = _coupon_cfg(cfg)
+    truth = coupon_truth(c)
+    K = int(c["num_categories"])
+    return Source(
+        name=str(c["name"]),
+        user_vocab=lambda: np.arange(int(c["num_users"])).astype(str),
+        item_vocab=np.array([f"c{k}" for k in range(K)]),
+        blocks=lambda: coupon_blocks(c, truth),
+        num_rows_hint=int(round(float(c["exposures_per_user"]) * int(c["num_users"]))),
+        item_side={"category": np.arange(K, dtype=np.int32),
+                   "price": truth.basket_value.astype(np.float32)},
+        category_vocab=np.array([f"c{k}" for k in range(K)]),
+        fingerprint={"generator": {k: v for k, v in c.items() if k != "name"}, "version": 1},
+        extra_columns={"label": "float32", "discount": "int8"},
     )
