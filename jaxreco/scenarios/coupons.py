@@ -83,7 +83,8 @@ def top_fraction_gain(score, gain, fraction: float) -> float:
 def empirical_qini(score, treated, outcome, seed: int = 0) -> float:
     """The Qini area of ``score`` on randomized rows (``treated`` bool, ``outcome`` 0/1 or a
     value), per row of the population: ``(1/N) Σ_n (Q(n) − n Q(N) / N) / N`` with
-    ``Q(n) = Y_t(n) − Y_c(n) N_t(n) / N_c(n)`` (0 while no control row is in); ties in a
+    ``Q(n) = Y_t(n) − Y_c(n) N_t(n) / N_c(n)`` (the control term 0 while no control row is
+    in); ties in a
     seeded random order."""
     score = np.asarray(score, np.float64)
     t = np.asarray(treated, bool)
