@@ -1,7 +1,9 @@
-"""Evaluates ``/ask`` on queries built from held-out ratings (experiments/ask_ml1m/README.md).
+"""Evaluates ``/ask`` on queries built from held-out items (experiments/ask_ml1m/README.md,
+experiments/ask_instacart/README.md).
 
 For each user of a prepared leave-last-out split, a query built from the user's held-out
-item's genres; success = the held-out item in the
+item's tags (MovieLens: its genres; Instacart: its department's name); success = the held-out
+item in the
 top ``--k`` answers (HR@k), with NDCG@k and MRR. Systems, same queries, same candidates
 (BM25 matches, the user's training items excluded in every system, as the served model
 excludes them):
@@ -45,7 +47,9 @@ def queries(cat: ask.Catalogue, users: np.ndarray, items: np.ndarray, seed: int,
     out = []
     for u, i in zip(users.tolist(), items.tolist()):
         g = cat.text.tags[i].split()
-        q = (str(g[rng.integers(len(g))]) if kind == "genre" else " ".join(g)) if g else ""
+        if not g:              # an item without tags (an Instacart product of no known
+            continue           # department) makes no query: counted, not scored
+        q = str(g[rng.integers(len(g))]) if kind == "genre" else " ".join(g)
         out.append((u, i, q.lower()))
     return out
 
@@ -130,10 +134,13 @@ def main(argv=None) -> int:
             "text+pop": evaluate(cat, qs, lambda u: pop, seen_of, WEIGHTS, args.k),
             "personal": evaluate(cat, qs, personal_of, seen_of, WEIGHTS, args.k)}
         results[split]["n"] = len(qs)
+        results[split]["skipped"] = len(users) - len(qs)
     k = args.k
     print(f"query: {args.query}")
     print(f"queries_val: {results['val']['n']}")
     print(f"queries_test: {results['test']['n']}")
+    for split in ("val", "test"):
+        print(f"queries_{split}_skipped_no_text: {results[split]['skipped']}")
     for name in ("text+pop", "personal"):
         for w, (hr, nd, mrr) in results["val"][name].items():
             print(f"val/{name}/w={w}/hr@{k}: {hr:.4f}  ndcg@{k}: {nd:.4f}  mrr: {mrr:.4f}")

@@ -22,7 +22,8 @@ from tests.test_export_run import _obd_wheel  # noqa: E402
 # Experiments whose export path another experiment of the default run already takes
 # (sequential: ml1m_sasrec; iALS/dot fold-in: ml1m_ncf_mf*; CTR: zozotown_ctr) run in the
 # slow job (`pytest -m slow`), keeping the default run within its time budget.
-SLOW = {"synthetic_session_sasrec", "instacart_sasrec", "dp_ials", "federated_ials", "ask_ml1m",
+SLOW = {"synthetic_session_sasrec", "instacart_sasrec", "ask_instacart", "dp_ials",
+        "federated_ials", "ask_ml1m",
         "instacart_complement", "ml1m_ncf_neumf_pretrained", "ml1m_ncf_mf_rendle",
         "ml1m_ncf_mf_lazy_adam", "zozotown_ope", "synthetic_ctr", "ab_simulated"}
 EXPERIMENTS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
@@ -49,7 +50,7 @@ def _overrides(name: str, tmp_path) -> list[str]:
     if name == "instacart_complement":
         return [f"dataset.path={_instacart_csv(tmp_path / 'instacart.csv')}",
                 "task.prepare.negatives.num=9", *EMBED]
-    if name == "instacart_sasrec":
+    if name in ("instacart_sasrec", "ask_instacart"):
         return [f"dataset.path={_instacart_csv(tmp_path / 'instacart.csv')}",
                 "task.prepare.negatives.num=9", "task.next_item.num_sampled=16",
                 "model.dim=8", "model.max_len=6", "model.num_blocks=1"]
