@@ -31,9 +31,10 @@ from flwr.common import (FitIns, FitRes, Parameters, ndarrays_to_parameters,  # 
 log = logging.getLogger("jaxreco")
 
 
-# One client computes at a time: the simulated clients share this process's CPU, and with
-# many client threads running XLA computations at once the XLA CPU runtime stalled here
-# (10 clients on 2 busy cores: every thread idle, no progress).
+# One client computes at a time: the simulated clients share this process's CPU and its
+# XLA intra-op thread pool (one thread per core). Two clients' batched Cholesky solves
+# running at once each take a pool thread and block in jaxlib 0.10.2's ParallelBatchMap
+# waiting for sub-tasks queued on that same pool: a deadlock at 0% CPU (Client.fit).
 _COMPUTE = threading.Lock()
 
 

@@ -91,10 +91,18 @@ class Client:
         self.touched = np.flatnonzero(items.freq).astype(np.int32)
         self.count = items.freq[self.touched].astype(np.float32)
         self.p = np.zeros((self.n + 1, dim), np.float32)
-        self._solve = jax.jit(self._round)
+        self._solve_bucket = jax.jit(self._user_bucket)
+        self._stats = jax.jit(self._item_statistics)
 
-    def _round(self, p, q, side, item_side):
-        p, _ = ials._solve_side(p, q, side, self.n, self.num_items, with_loss=False, **self.kw)
+    def buckets(self) -> list[dict]:
+        """The user side split into one single-bucket side per length bucket."""
+        return [{k: [v[j]] for k, v in self.side.items()} for j in range(len(self.side["rows"]))]
+
+    def _user_bucket(self, p, q, bucket):
+        return ials._solve_side(p, q, bucket, self.n, self.num_items, with_loss=False,
+                                **self.kw)[0]
+
+    def _item_statistics(self, p, item_side):
         d = self.dim
         pu = p[:self.n].astype(jnp.float32)
         if self.privacy is not None:
@@ -113,13 +121,23 @@ class Client:
             g = g.at[r].set(gc.reshape(-1, len(iu[0])), mode="drop")
             b = b.at[r].set(bc.reshape(-1, d), mode="drop")
         ug = jnp.matmul(pu.T, pu, precision=HIGHEST)[iu[0], iu[1]]
-        return p, g[self.touched], b[self.touched], ug
+        return g[self.touched], b[self.touched], ug
 
     def fit(self, q: np.ndarray) -> Statistics:
         """Solves the local user rows against ``q`` (``[num_items, d]``) and returns the
         item-side statistics of the touched items."""
         q_pad = np.concatenate([np.asarray(q, np.float32), np.zeros((1, self.dim), np.float32)])
-        p, g, b, ug = self._solve(self.p, q_pad, self.side, self.item_side)
+        # One program per length bucket. The buckets' Cholesky solves depend on q alone, so
+        # in one program XLA's CPU runtime runs them concurrently (the trainer's
+        # optimization barrier between buckets does not survive compilation), and jaxlib
+        # 0.10.2's batched LAPACK kernels (ParallelBatchMap) then block every thread of the
+        # intra-op pool waiting for sub-tasks queued on that same pool: a deadlock at 0% CPU
+        # (2 pool threads on 2 cores; seen on ML-1M shards). Chained through p, the
+        # programs run one after the other, each with a single Cholesky.
+        p = self.p
+        for bucket in self.buckets():
+            p = self._solve_bucket(p, q_pad, bucket)
+        g, b, ug = self._stats(p, self.item_side)
         self.p = np.asarray(p)
         return Statistics(self.touched, np.asarray(g), np.asarray(b), self.count.copy(),
                           np.asarray(ug))

@@ -86,9 +86,9 @@ def simulate(cfg: DictConfig, *, num_clients: int, rounds: int, dp: bool = False
     t0 = time.time()
     if engine == "flower":
         from jaxreco.federated import flower       # optional dependency: flwr
-        # compile every client's round here, in the main thread, before Flower starts (a
-        # first compile inside a Flower client thread stalled on ML-1M); the rows it solves
-        # are solved again in round 1 (the exact solve does not start from them)
+        # compile every client's round here, before Flower starts, so that the rounds'
+        # timings hold no compile; the rows it solves are solved again in round 1 (the
+        # exact solve does not start from them)
         for c in clients:
             c.fit(q0)
         q, records = flower.run(clients, q0, rounds, num_users=task.num_users, privacy=plan,
