@@ -503,9 +503,11 @@ class LoggerConfig:
 
 @dataclasses.dataclass
 class PrivacyConfig:
-    """``privacy=dp``: user-level (ε, δ)-DP iALS (``jaxreco/privacy/dp_ials.py``). Give
-    ``epsilon`` (the noise multiplier is calibrated for ``trainer.epochs`` item solves) or
-    ``noise_multiplier`` (ε is computed), not both."""
+    """``privacy=dp``: user-level (ε, δ)-DP training: iALS (``optimizer=ials``,
+    ``jaxreco/privacy/dp_ials.py``) or DP-SGD with per-user clipping for the gradient
+    optimizers (``jaxreco/privacy/dp_sgd.py``). Give ``epsilon`` (the noise multiplier is
+    calibrated for the run's item solves / steps) or ``noise_multiplier`` (ε is computed),
+    not both."""
     name: PrivacyKind = PrivacyKind.none
     epsilon: Optional[float] = None          # target ε over the whole run
     noise_multiplier: Optional[float] = None  # Gaussian σ / L2 sensitivity of one user
@@ -514,6 +516,8 @@ class PrivacyConfig:
     clip_norm: float = 1.0                   # C: user vectors clipped to ‖p_u‖ <= C
     accountant: Accountant = Accountant.rdp
     seed: Optional[int] = None               # sampling and noise seed; null: the run's seed
+    users_per_step: int = 256                # DP-SGD: expected users per step (Poisson, q=·/users)
+    max_examples_per_user: int = 256         # DP-SGD: a user's examples kept (sampled once)
 
 
 @dataclasses.dataclass
@@ -654,6 +658,8 @@ TRAIN_RANGES: dict[str, Range] = {
     "privacy.max_items_per_user": POSITIVE_INT,
     "privacy.clip_norm": POSITIVE,
     "privacy.seed": Range(lo=0, integer=True, nullable=True),
+    "privacy.users_per_step": POSITIVE_INT,
+    "privacy.max_examples_per_user": POSITIVE_INT,
     "task.num_negatives": COUNT,
     "task.ks[]": POSITIVE_INT,
     "task.eval_chunk_elements": POSITIVE_INT,
@@ -804,9 +810,6 @@ def validate(cfg: Any) -> None:
         raise ValueError(f"mesh.axes={axes}: at most one axis may be -1, got {free}")
     priv = _get(cfg, "privacy")
     if priv is not _ABSENT and priv["name"] == PrivacyKind.dp:
-        if opt["name"] != TableOptimizer.ials:
-            raise ValueError(f"privacy=dp: optimizer.name={_plain(opt['name'])} is not "
-                             "supported; DP training is implemented for optimizer=ials")
         if (priv["epsilon"] is None) == (priv["noise_multiplier"] is None):
             raise ValueError(f"privacy=dp: give exactly one of privacy.epsilon (got "
                              f"{_plain(priv['epsilon'])}) and privacy.noise_multiplier (got "

@@ -25,7 +25,7 @@ from tests.test_export_run import _obd_wheel  # noqa: E402
 SLOW = {"synthetic_session_sasrec", "instacart_sasrec", "ask_instacart", "dp_ials",
         "federated_ials", "ask_ml1m",
         "instacart_complement", "ml1m_ncf_neumf_pretrained", "ml1m_ncf_mf_rendle",
-        "ml1m_ncf_mf_lazy_adam", "zozotown_ope", "synthetic_ctr", "ab_simulated"}
+        "ml1m_ncf_mf_lazy_adam", "zozotown_ope", "synthetic_ctr", "ab_simulated", "ml1m_mf_dp"}
 EXPERIMENTS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
                for n in sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))]
 SMALL = ["trainer.epochs=1", "trainer.batch_size=64", "trainer.progress_bar=false",
@@ -35,7 +35,7 @@ EMBED = ["model.dim=4", "model.mf_dim=4", "model.mlp_dims=[8,4]"]
 
 
 def _overrides(name: str, tmp_path) -> list[str]:
-    if name in ("ml100k_mf", "ml1m_mf"):
+    if name in ("ml100k_mf", "ml1m_mf", "ml1m_mf_dp"):
         write = write_u_data if name == "ml100k_mf" else write_ratings_dat
         return [f"dataset.path={write(tmp_path / 'ml', num_users=40, num_items=30, n=900)}",
                 "model.dim=4"]

@@ -193,7 +193,7 @@ def test_same_seed_gives_the_same_dp_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("over, match", [
-    (["privacy=dp"], "optimizer.name=lazy_adam is not supported"),
+    (["privacy=dp", "privacy.epsilon=-1"], "privacy.epsilon=-1"),
     (["experiment=ml1m_ncf_mf_uniform", "privacy=dp", "privacy.noise_multiplier=1"],
      "exactly one of privacy.epsilon"),
     (["experiment=ml1m_ncf_mf_uniform", "privacy=dp", "privacy.delta=1.5"], "privacy.delta=1.5"),

@@ -18,7 +18,7 @@ from jaxreco import optim
 from jaxreco.data import pipeline
 from jaxreco.distributed import to_global
 from jaxreco.embedding import ShardedTables
-from jaxreco.privacy import dp_ials
+from jaxreco.privacy import dp_ials, dp_sgd
 from jaxreco.train import ials
 from jaxreco.train.state import create_state, table_axes
 from jaxreco.train.step import make_train_step
@@ -45,6 +45,11 @@ def is_solver(cfg: DictConfig) -> bool:
     return cfg.optimizer.name == "ials"
 
 
+def is_dp_sgd(cfg: DictConfig) -> bool:
+    """``privacy=dp`` with a gradient optimizer: user-level DP-SGD (:mod:`jaxreco.privacy.dp_sgd`)."""
+    return cfg.privacy.name == "dp" and not is_solver(cfg)
+
+
 def model_state(cfg: DictConfig, task, mesh) -> ModelState:
     """The model of ``task``, its optimizers (rates decay over the configured epochs, not
     ``max_steps``: a run stopped early and resumed follows the same schedule as an
@@ -56,7 +61,9 @@ def model_state(cfg: DictConfig, task, mesh) -> ModelState:
         raise ValueError(f"optimizer=ials fits implicit feedback; task.kind={task.kind!r} "
                          "needs a gradient optimizer (sgd, adagrad, lazy_adam, adam)")
     steps_per_epoch = 1 if solver else pipeline.batches_per_epoch(n_train, tc.batch_size)
-    if steps_per_epoch < 1:
+    if is_dp_sgd(cfg):                   # an epoch: ⌈1/q⌉ steps of Poisson-sampled users
+        steps_per_epoch = dp_sgd.steps_per_epoch(cfg.privacy, task.num_users)
+    elif steps_per_epoch < 1:
         raise ValueError(f"trainer.batch_size={tc.batch_size} is larger than the {n_train} "
                          f"training examples of {task.data.name}: no full batch per epoch")
     total_steps = tc.epochs * steps_per_epoch
@@ -68,14 +75,15 @@ def model_state(cfg: DictConfig, task, mesh) -> ModelState:
     dense_tx = optim.dense_optimizer(
         cfg.optimizer.dense_name,
         optim.schedule(cfg.optimizer.dense_lr, sched, tc.epochs * steps_per_epoch))
-    model_fn = task.model_fn()
+    model_fn = dp_sgd.public_model_fn(cfg, task) if is_dp_sgd(cfg) else task.model_fn()
     graphdef, state, shardings = create_state(model_fn, row_opt, dense_tx, mesh, rules)
     abstract_model = nnx.eval_shape(model_fn)
     tables = ShardedTables(mesh, rules, table_axes(state.tables),
                            dict(abstract_model.table_features), row_opt)
     return ModelState(graphdef, state, shardings, model_fn, abstract_model, tables, dense_tx,
                       table_lr, steps_per_epoch, total_steps,
-                      n_train if solver else tc.batch_size)
+                      n_train if solver else
+                      -(-n_train // steps_per_epoch) if is_dp_sgd(cfg) else tc.batch_size)
 
 
 def train_step(cfg: DictConfig, task, ms: ModelState, mesh, in_sharding, shard: tuple[int, int]):
@@ -90,6 +98,9 @@ def train_step(cfg: DictConfig, task, ms: ModelState, mesh, in_sharding, shard: 
     if is_solver(cfg):
         step_fn, data = ials_step(cfg, task, ms, mesh)
         return step_fn, None, lambda step: data
+    if is_dp_sgd(cfg):                   # sampled users, drawn from (seed, step): no iterator
+        step_fn, next_users, _ = dp_sgd.build(cfg, task, ms, mesh)
+        return step_fn, None, next_users
     tc = cfg.trainer
     data_iter = iter(pipeline.train_dataset(
         task.train_cols, batch_size=tc.batch_size, num_epochs=tc.epochs, seed=cfg.seed,
@@ -146,6 +157,14 @@ def privacy_metrics(cfg: DictConfig, task, ms: ModelState, steps: int) -> dict[s
     epochs (item releases); nothing without privacy."""
     if cfg.privacy.name != "dp":
         return {}
+    if is_dp_sgd(cfg):
+        pl = dp_sgd.plan(cfg.privacy, num_users=task.num_users, steps=ms.total_steps,
+                         seed=int(cfg.seed))
+        out = pl.metrics(steps)
+        log.info("privacy=dp (DP-SGD): (ε=%.4g, δ=%.3g)-DP after %d steps (noise multiplier "
+                 "%.4g, q=%.4g)", out["privacy/epsilon"], pl.delta, steps, pl.noise_multiplier,
+                 pl.sampling_rate)
+        return out
     pl = dp_ials.plan(cfg.privacy, num_users=task.num_users, epochs=ms.total_steps,
                       seed=int(cfg.seed))
     out = pl.metrics(steps)
