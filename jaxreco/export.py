@@ -1001,6 +1001,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: 
     model = r.abstract_model
     info = {"run_dir": str(run_dir.resolve()), "dataset": d.dataset, "task": kind,
             "model": str(r.cfg.model.name), "checkpoint_step": int(r.step)}
+    if "discount_levels" in r.cfg.dataset:   # an uplift model: /offers reads the levels
+        info["discount_levels"] = [float(x) for x in r.cfg.dataset.discount_levels]
     extra: dict[str, Any] = {}
     if isinstance(model, MF):
         t = {k: np.asarray(v) for k, v in r.state.table_values().items()}

@@ -101,10 +101,12 @@ def test_serving_image_requirements_have_no_jax_and_cover_the_server_imports():
                 "prometheus_client", "bm25s",
                 "pydantic", "starlette"}  # the last two come with fastapi
     # numpy-only modules outside jaxreco.serve that the server imports (/complete, /ask,
-    # explain=true); their module-level imports are checked too.
+    # explain=true, /offers); their module-level imports are checked too.
     shared = {"jaxreco.explain": "jaxreco/explain.py", "jaxreco.ask": "jaxreco/ask.py",
               "jaxreco.scenarios": "jaxreco/scenarios/__init__.py",
-              "jaxreco.scenarios.basket": "jaxreco/scenarios/basket.py"}
+              "jaxreco.scenarios.basket": "jaxreco/scenarios/basket.py",
+              "jaxreco.scenarios.coupons": "jaxreco/scenarios/coupons.py",
+              "jaxreco.promotions": "jaxreco/promotions.py"}
 
     def imports(nodes):
         for node in nodes:

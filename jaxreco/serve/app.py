@@ -13,6 +13,7 @@ slow clients, too many connections -- are JSON too, see :mod:`jaxreco.serve.guar
 - ``POST /similar``                     items that go together with given items.
 - ``POST /complete``                    items that complete a cart (:mod:`jaxreco.serve.complete`).
 - ``POST /ask``                         product questions: BM25 over item texts, re-ranked for the shopper (:mod:`jaxreco.serve.ask`).
+- ``POST /offers``, ``POST /redeem``    coupons usable now, ranked by uplift x margin; budget use (:mod:`jaxreco.serve.offers`).
 - ``POST /predict_ctr``                 click (per-head) probabilities of (user, item,
                                         context) rows; models exported from ctr runs.
 - ``POST /events``                      shopper events (impression, click, cart, purchase),
@@ -50,7 +51,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Stric
                       model_validator)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jaxreco.serve import ask, complete, layout, reasons
+from jaxreco.serve import ask, complete, layout, offers as offers_lib, reasons
 from jaxreco.serve.ab import DEFAULT_ARM, ABConfig
 from jaxreco.serve.events import EVENT_KINDS, EventLog, EventLogError, EventLogFull
 from jaxreco.serve.guard import ConcurrencyLimitMiddleware
@@ -233,6 +234,14 @@ def _recommend_batch(arms, payloads: list[dict]) -> list[dict]:
                 e += 1
             p = payloads[i]
             extra = model.item_indices(p["exclude_items"]) if p["exclude_items"] else None
+            if p.get("coupon_boost"):   # items covered by each user's usable coupons
+                for n in range(e - j):
+                    cov = [offers_lib.coverage(model, c) for c in p["coupons"][pos[j + n][1]]]
+                    if cov:
+                        at = np.unique(np.concatenate(cov))
+                        row = scores[j + n, at]
+                        scores[j + n, at] = np.where(row > layout.EXCLUDED_SCORE,
+                                                     row + np.float32(p["coupon_boost"]), row)
             idx, vals = top_k(scores[j:e], p["k"], model.rules, extra)
             for n in range(e - j):
                 r = pos[j + n][1]
@@ -341,12 +350,15 @@ def _jsonable(a: np.ndarray) -> Any:
 # ---------------------------------------------------------------------- the app
 def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
                start_polling: bool = True, ab: ABConfig | None = None,
-               event_log: EventLog | None = None) -> FastAPI:
+               event_log: EventLog | None = None,
+               offers: offers_lib.OffersService | None = None) -> FastAPI:
     """Builds the ASGI app around a :class:`ModelManager` (started on app start-up).
 
     ``ab``: the arms (default: one arm serving the newest version); pinned arms need a
     manager built with ``pinned=ab.pinned_versions``. ``event_log``: where served records
     and ``POST /events`` go (started on app start-up if not yet; None: not collected).
+    ``offers``: the promotions catalogue, budget ledger and uplift model behind ``/offers``,
+    ``/redeem`` and ``coupon_boost`` (started with the app; None: they answer 503 / 400).
     """
     ab = ab or ABConfig.default()
     if not ab.is_default and tuple(manager.pinned) != tuple(ab.pinned_versions):
@@ -387,6 +399,9 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         session_id: Id | None = Field(None, description=(
             "The session id when 'session' is a list of events (the A/B key of an anonymous "
             "shopper)."))
+        coupon_boost: float | None = Field(None, ge=0, description=(
+            "With a promotions catalogue: added to the score of every item covered by a "
+            "coupon the user can use now (POST /offers); explain=true names the coupons."))
         k: StrictInt = Field(10, ge=1, le=config.max_k)
         exclude_items: list[Id] = Field(default_factory=list, max_length=config.max_exclude,
                                         description="Items not to recommend in this request.")
@@ -502,7 +517,11 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
             event_log.start()
         if start_polling:
             manager.start()
+            if offers is not None:
+                offers.start()
         yield
+        if offers is not None:
+            offers.stop()
         manager.stop()
         executor.shutdown(wait=True)
         if event_log is not None:
@@ -746,6 +765,12 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
                    "exclude_items": _ids_check(req.exclude_items, "exclude_items"),
                    "session": None if events is None else [
                        (e["item"], e.get("event"), e.get("ts")) for e in events]}
+        if offers is not None and (req.coupon_boost or req.explain):
+            payload["coupons"] = [offers.user_coupons(u) for u in users]
+            payload["coupon_boost"] = req.coupon_boost
+        elif req.coupon_boost:
+            raise ApiError(400, "coupon_boost: this server has no promotions catalogue "
+                                "(start jaxreco-serve with --promotions FILE_OR_URL)")
         try:
             out = await batcher.submit(payload, len(users))
         except SessionUnsupported as e:
@@ -755,6 +780,7 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
         if req.explain:
             await asyncio.get_running_loop().run_in_executor(
                 executor, reasons.annotate, out, [(n, m) for n, m in arms], payload)
+            offers_lib.coupon_reasons(out, [(n, m) for n, m in arms], payload)
         return _json(out)
 
     @app.post("/similar", response_model=SimilarResponse, responses=errors)
@@ -866,6 +892,8 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
     app.include_router(complete.make_router(_model, executor, max_items=config.max_exclude,
                                             max_k=config.max_k))
     app.include_router(ask.make_router(_model, executor, max_k=config.max_k))
+    app.include_router(offers_lib.make_router(_model, lambda: offers, executor,
+                                              max_k=config.max_k, max_cart=config.max_exclude))
     return app
 
 

@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--salt", default=_env("SALT", ""),
                    help="mixed into the assignment hash; a new salt reshuffles shoppers over "
                         "the arms (one per experiment)")
+    g = p.add_argument_group("promotions (POST /offers, /redeem, coupon_boost)")
+    g.add_argument("--promotions", default=_env("PROMOTIONS", None),
+                   help="promotions catalogue, a JSON file or http(s) URL (jaxreco.promotions); "
+                        "re-read every --poll-interval seconds, an invalid new one keeps the old")
+    g.add_argument("--uplift-model-dir", default=_env("UPLIFT_MODEL_DIR", None),
+                   help="exported uplift model (experiment=synthetic_coupons); default "
+                        "<model-dir>/uplift when it exists")
+    g.add_argument("--redemptions", default=_env("REDEMPTIONS", None),
+                   help="JSON-lines ledger of POST /redeem (budgets spent), replayed at start")
     g = p.add_argument_group("events")
     g.add_argument("--events-dir", default=os.environ.get("JAXRECO_EVENTS_DIR") or None,
                    help="directory of the event log (served records and POST /events), shared "
@@ -197,12 +206,26 @@ def main(argv: list[str] | None = None) -> int:
 
     manager = ModelManager(args.model_dir, rules=rules, max_batch=args.max_batch,
                            poll_interval_s=args.poll_interval, pinned=ab.pinned_versions)
+    offers = None
+    if args.promotions:
+        from jaxreco.promotions import CatalogueError, CatalogueWatcher
+        from jaxreco.serve.offers import BudgetLedger, OfferError, OffersService, UPLIFT_SUBDIR
+        uplift_dir = args.uplift_model_dir or os.path.join(args.model_dir, UPLIFT_SUBDIR)
+        try:
+            offers = OffersService(
+                CatalogueWatcher(args.promotions), BudgetLedger(args.redemptions),
+                ModelManager(uplift_dir, max_batch=args.max_batch,
+                             poll_interval_s=args.poll_interval)
+                if os.path.isdir(uplift_dir) else None, poll_interval_s=args.poll_interval)
+        except (CatalogueError, OfferError) as e:
+            print(f"jaxreco-serve: {e}", file=sys.stderr)
+            return 2
     app = create_app(manager, ServeConfig(model_name=args.model_name, max_batch=args.max_batch,
                                           max_body_bytes=args.max_body_bytes,
                                           max_events=args.max_events,
                                           max_events_body_bytes=args.max_events_body_bytes,
                                           limit_concurrency=args.limit_concurrency),
-                     ab=ab, event_log=event_log)
+                     ab=ab, event_log=event_log, offers=offers)
     guard = app.state.metrics.guard
     protocol = guarded_protocol(
         GuardConfig(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,

@@ -29,11 +29,13 @@ class HistoryItem(BaseModel):
 
 
 class Reason(BaseModel):
-    kind: str = Field(description="promoted | bought_together")
+    kind: str = Field(description="promoted | bought_together | coupon")
     boost: float | None = Field(None, description="promoted: the rules' boost, added to the "
                                                   "served score (not part of the model's).")
     baskets: int | None = Field(None, description="bought_together: baskets holding the item "
                                                   "and one of the shopper's items.")
+    coupon: str | None = Field(None, description="coupon: a coupon the shopper can use now "
+                                                 "covers the item (jaxreco.serve.offers).")
 
 
 class ItemReasons(BaseModel):
