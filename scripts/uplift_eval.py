@@ -9,6 +9,9 @@ of ``--split``'s rows (at most ``--max-users``, a seeded sample). Rankings, best
 * ``model``: predicted uplift P(buy | d) − P(buy | 0) (× the category's margin for value);
 * ``largest_discount``: the coupon's discount, ties in random order (the expected curve);
 * ``largest_discount_margin`` (value only): the discount, then the category's margin;
+* ``nonpersonal_model`` / ``nonpersonal_oracle``: the model's / the true uplift of the
+  (category, level) averaged over the users (blind to who the user is: the second is the
+  best such a ranking can do; the gap to ``model`` is what personalisation adds);
 * ``random``; and ``oracle``: the true uplift (value): the ceiling.
 
 Figures (``name: value`` lines): Qini coefficient and AUUC against the true uplift
@@ -63,11 +66,18 @@ def main(argv=None) -> None:
     print(f"users: {n}")
     print(f"pairs: {len(pred)}")
     rand_tie = np.zeros(len(pred))
+    # non-personal rankings: the uplift of (category, level) averaged over the users, from
+    # the model and from the truth (the best any ranking blind to the user can do)
+    cell = ii * L + ll
+    count = np.maximum(np.bincount(cell, minlength=ni * L), 1)
+    np_model, np_true = ((np.bincount(cell, v, ni * L) / count)[cell] for v in (pred, true))
     for gain_name, gain, model_score, extra in (
             ("uplift", true, pred, {}),
             ("value", true * margin, pred * margin,
              {"largest_discount_margin": pct * 1e6 + margin})):
+        w = margin if gain_name == "value" else 1.0
         rankings = {"model": model_score, "largest_discount": pct, **extra,
+                    "nonpersonal_model": np_model * w, "nonpersonal_oracle": np_true * w,
                     "random": rand_tie, "oracle": gain}
         for name, score in rankings.items():
             q = coupons.qini(score, gain)

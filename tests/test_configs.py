@@ -81,6 +81,7 @@ SCHEMA_OF_DATASET = {
     "movielens-100k": config.MovieLensConfig, "movielens-1m": config.MovieLensConfig,
     "from-files": config.FromFilesConfig, "instacart-sample": config.InstacartSampleConfig,
     "synthetic-ecommerce": config.SyntheticEcommerceConfig,
+    "synthetic-coupons": config.SyntheticCouponsConfig,
     "zozotown-obd": config.ZozotownObdConfig, "events": config.EventsConfig,
 }
 

@@ -25,7 +25,8 @@ from tests.test_export_run import _obd_wheel  # noqa: E402
 SLOW = {"synthetic_session_sasrec", "instacart_sasrec", "ask_instacart", "dp_ials",
         "federated_ials", "ask_ml1m",
         "instacart_complement", "ml1m_ncf_neumf_pretrained", "ml1m_ncf_mf_rendle",
-        "ml1m_ncf_mf_lazy_adam", "zozotown_ope", "synthetic_ctr", "ab_simulated", "ml1m_mf_dp"}
+        "ml1m_ncf_mf_lazy_adam", "zozotown_ope", "synthetic_ctr", "ab_simulated", "ml1m_mf_dp",
+        "synthetic_coupons"}
 EXPERIMENTS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
                for n in sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))]
 SMALL = ["trainer.epochs=1", "trainer.batch_size=64", "trainer.progress_bar=false",
@@ -60,6 +61,8 @@ def _overrides(name: str, tmp_path) -> list[str]:
     if name in ("synthetic_ctr", "ab_simulated"):
         return ["dataset.num_interactions=8000", "dataset.num_users=100",
                 "dataset.num_items=60", *EMBED]
+    if name == "synthetic_coupons":
+        return ["dataset.num_users=100", "dataset.exposures_per_user=30", *EMBED]
     if name in ("zozotown_ctr", "zozotown_ope"):
         _obd_wheel(tmp_path / "wheels", n=2000)
         return [f"dataset.cache_dir={tmp_path / 'wheels'}", "dataset.policies=[random]", *EMBED]
