@@ -25,7 +25,10 @@ Answering a query (:class:`Catalogue.ask`):
    genre word, whose BM25 score barely varies, ``p`` decides). ``w`` =
    :data:`PERSONAL_WEIGHT`, chosen on validation queries by ``scripts/ask_eval.py``
    (experiments/ask_ml1m/README.md). Items the model excludes for the user (already seen)
-   are left out of a personalised answer.
+   are left out of a personalised answer. A shopper with no personal scores (anonymous,
+   unknown, no known session item) gets the same mix with the items' popularity (the
+   served model's cold-start scores) at :data:`POPULAR_WEIGHT` instead of the text-only
+   order, which ties every item of equal text (one genre, one department) by index.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ FORMAT = 1
 # The mix weight of the personal score (module docstring): the best mean validation
 # NDCG@10 over ML-1M's one-genre and all-genres queries (experiments/ask_ml1m/README.md).
 PERSONAL_WEIGHT = 0.4
+# The mix weight of popularity for a shopper without personal scores, chosen the same way
+# from the `text+pop` validation lines: mean NDCG@10 over ML-1M's two query kinds 0.1757
+# (w 0.1), 0.1862 (0.2), 0.1873 (0.3), 0.1761 (0.4); Instacart department queries are flat
+# from 0.1 to 0.3 (experiments/ask_instacart/README.md).
+POPULAR_WEIGHT = 0.3
 
 
 class AskError(ValueError):

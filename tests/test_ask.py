@@ -147,17 +147,23 @@ def test_ask_endpoint_text_user_session_and_price(served):
     st, body = client.post("/ask", {"query": "Blue bag", "k": 8})
     assert st == 200, body
     assert not body["personalised"] and body["words"] == ["blue", "bag"]
-    want = [i for i in cat.ask("blue bag", 9)[0].tolist() if i != 4][:8]
-    assert [idx[x["item"]] for x in body["items"]] == want                # text order, rules
+    # no personal scores: text mixed with the model's cold-start popularity, rules applied
+    assert body["reranked_by"] == "popularity"
+    pop = data.popularity().astype(np.float64)
+    exclude = np.zeros(90, bool)
+    exclude[4] = True
+    want = cat.ask("blue bag", 8, pop, ask.POPULAR_WEIGHT, exclude)[0].tolist()
+    assert [idx[x["item"]] for x in body["items"]] == want
+    assert want != [i for i in cat.ask("blue bag", 9)[0].tolist() if i != 4][:8]  # not text order
+    assert [x["popularity"] for x in body["items"]] == [pop[i] for i in want]
     # a known user: their scores re-rank, their seen items are left out
     u = 3
     st, body = client.post("/ask", {"query": "blue bag", "k": 90, "user": data.user_vocab[u]})
     assert st == 200 and body["personalised"] and body["user_known"], body
+    assert body["reranked_by"] == "personal"
     got = [idx[x["item"]] for x in body["items"]]
     scores = data.all_scores()[u].astype(np.float64)
     personal = np.where(np.isin(np.arange(90), list(data.seen(u))), np.nan, scores)
-    exclude = np.zeros(90, bool)
-    exclude[4] = True
     assert got == cat.ask("blue bag", 90, personal, exclude=exclude)[0].tolist()
     assert not set(got) & data.seen(u) and 4 not in got
     for x in body["items"]:
@@ -172,7 +178,7 @@ def test_ask_endpoint_text_user_session_and_price(served):
     st, body = client.post("/ask", {"query": "blue", "k": 5, "session": ["nope"], "user": 7})
     assert st == 200 and body["session_known"] == 0 and not body["personalised"], body
     assert body["user_known"] is False
-    # price filter; unknown user: text only
+    # price filter; unknown user: popularity re-rank
     st, body = client.post("/ask", {"query": "coat under 30", "k": 50, "user": "nobody"})
     assert st == 200 and body["user_known"] is False and not body["personalised"], body
     assert body["max_price"] == 30 and body["items"]

@@ -10,8 +10,9 @@ prices is a 422 naming ``query``. With ``user`` (known to the model) or ``sessio
 ids, oldest first: the model's ``session_scores``, a fold-in for dot/iALS models), the
 BM25 candidates are re-ordered by the mix of standardised text and personal scores, and
 the items the model excludes for the shopper (already seen, the session's) are left out;
-an unknown user without a session gets the text-only order (``personalised: false``).
-The rules' excluded items are never answered.
+an unknown user without a session gets the same mix with the items' popularity (the
+model's cold-start scores, ``ask.POPULAR_WEIGHT``; ``personalised: false``,
+``reranked_by: "popularity"``). The rules' excluded items are never answered.
 """
 
 from __future__ import annotations
@@ -63,11 +64,16 @@ def answer(model, cat: ask.Catalogue, query: str, k: int, *, user: str | None = 
            session: list[str] | None = None, weight: float = ask.PERSONAL_WEIGHT) -> dict:
     """The ``/ask`` answer (module docstring)."""
     personal, info = _personal(model, user, session)
+    by, mix = ("personal", personal) if personal is not None else ("text", None)
+    if personal is None:
+        pop, known = model.user_scores([""])       # "" is nobody: the cold-start scores
+        if not known[0] and np.isfinite(pop[0]).all():
+            by, mix, weight = "popularity", np.asarray(pop[0], np.float64), ask.POPULAR_WEIGHT
     exclude = np.zeros(model.num_items, bool)
     if model.rules.exclude_idx.size:
         exclude[model.rules.exclude_idx] = True
     q = ask.parse_query(query)
-    top, text = cat.ask(q, k, personal, weight, exclude)
+    top, text = cat.ask(q, k, mix, weight, exclude)
     t = cat.text
     items = []
     for i, s in zip(top.tolist(), text.tolist()):
@@ -77,10 +83,12 @@ def answer(model, cat: ask.Catalogue, query: str, k: int, *, user: str | None = 
             row["price"] = float(t.price[i])
         if personal is not None:
             row["personal_score"] = float(personal[i])
+        elif mix is not None:
+            row["popularity"] = float(mix[i])
         items.append(row)
     return {"model_version": model.version, "items": items, "words": cat.tokens(q.text),
             "min_price": q.min_price, "max_price": q.max_price,
-            "personalised": personal is not None, **info}
+            "personalised": personal is not None, "reranked_by": by, **info}
 
 
 def make_router(get_model: Callable[[], Any], executor, *, max_k: int = 1000,
@@ -109,6 +117,8 @@ def make_router(get_model: Callable[[], Any], executor, *, max_k: int = 1000,
         text_score: float = Field(description="BM25 score of the item's text for the query.")
         price: float | None = None
         personal_score: float | None = None
+        popularity: float | None = Field(None, description=(
+            "The item's cold-start score, when the shopper has no personal scores."))
 
     class AskResponse(BaseModel):
         model_version: int
@@ -117,6 +127,9 @@ def make_router(get_model: Callable[[], Any], executor, *, max_k: int = 1000,
         min_price: float | None
         max_price: float | None
         personalised: bool
+        reranked_by: str = Field(description=(
+            "What re-ordered the text matches: 'personal' (the shopper's scores), "
+            "'popularity' (no personal scores) or 'text' (neither)."))
         user_known: bool | None
         session_known: int | None = Field(description="Session items the model knows.")
 
