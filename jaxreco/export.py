@@ -102,6 +102,11 @@ class SessionModel:
     trainer computed them; anonymous: none) followed by the session's known items (gap:
     seconds since the event before, 0 where a timestamp is unknown), cut to its last
     ``max_len``. ``event_vocab`` names event types 1.. (index 0 = unknown).
+
+    With ``attention_fn`` (same inputs as ``encode_fn``, ``-> [b, L]``) and
+    ``user_attention_fn(params, user int32[b]) -> (weights [b, L], items int32[b, L])`` a
+    sequential export also gets the ``session_attention`` signature (``explain=true``): the
+    encoder's attention of the last position over the sequence ``session_scores`` encodes.
     """
 
     mode: str
@@ -112,6 +117,8 @@ class SessionModel:
     event_vocab: Sequence[str] = ()
     history: tuple | None = None
     use_gaps: bool = False
+    attention_fn: EncodeFn | None = None
+    user_attention_fn: Callable | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -264,6 +271,18 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
             with_params(lambda p, it, ev, gp: session.encode_fn(p, it, ev, gp).astype(jnp.float32)),
             polymorphic_shapes=[poly_params, f"(b, {L})", f"(b, {L})", f"(b, {L})"],
             with_gradient=False, native_serialization_platforms=platforms)
+    has_attention = session.mode == "sequential" and session.attention_fn is not None
+    if has_attention:
+        conv_attention = jax2tf.convert(
+            with_params(lambda p, it, ev, gp: session.attention_fn(p, it, ev, gp).astype(jnp.float32)),
+            polymorphic_shapes=[poly_params, f"(b, {L})", f"(b, {L})", f"(b, {L})"],
+            with_gradient=False, native_serialization_platforms=platforms)
+        conv_user_attention = jax2tf.convert(
+            with_params(lambda p, u: tuple(
+                x.astype(t) for x, t in zip(session.user_attention_fn(p, u),
+                                            (jnp.float32, jnp.int32)))),
+            polymorphic_shapes=[poly_params, "(b,)"], with_gradient=False,
+            native_serialization_platforms=platforms)
 
     excluded = np.float32(layout.EXCLUDED_SCORE)
     text_init = tf.lookup.TextFileInitializer
@@ -443,6 +462,11 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
         def _encode(self, u, known, idx, valid, events, ts):
             """The encoder on the last ``max_len`` of (the user's history, the session's
             known items), left-padded with -1."""
+            return self._jax_encode(*self._encode_inputs(u, known, idx, valid, events, ts))
+
+        def _encode_inputs(self, u, known, idx, valid, events, ts):
+            """``(items int32 [b, L], events int32 [b, L], gaps float32 [b, L])``: the last
+            ``max_len`` of (the user's history, the session's known items), left-padded."""
             L = int(session.max_len)
             starts = tf.gather(self.hist_indptr, u)
             limits = tf.where(known, tf.gather(self.hist_indptr, u + 1), starts)
@@ -474,7 +498,36 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
                     [tf.shape(n, tf.int64)[0], L]))
                 return tf.where(j >= 0, tf.gather(dense, tf.maximum(j, 0), batch_dims=1),
                                 tf.cast(fill, dense.dtype))
-            return self._jax_encode(left(seq[0], -1), left(seq[1], 0), left(seq[2], 0.0))
+            return left(seq[0], -1), left(seq[1], 0), left(seq[2], 0.0)
+
+        @tf.function(jit_compile=True, autograph=False)
+        def _jax_attention(self, items, events, gaps):
+            return conv_attention(self.params, items, events, gaps)
+
+        @tf.function(jit_compile=True, autograph=False)
+        def _jax_user_attention(self, u):
+            return conv_user_attention(self.params, u)
+
+        def _session_attention(self, user, items, events, ts):
+            """The attention of the sequence ``_session_scores`` encodes for each row: (the
+            user's history, the session's known items) when the session has a known item,
+            else the user's own sequence (``user_scores``); all 0 for an unknown user
+            without one. ``items`` names each position's item ("" = padding)."""
+            with tf.control_dependencies([self._session_inputs(items, events, ts)]):
+                u, known = self._lookup(self.user_index, user)
+                idx = self.item_index.lookup(items)
+                valid = idx >= 0
+                n_known = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
+                s_items, s_events, s_gaps = self._encode_inputs(u, known, idx, valid, events, ts)
+                w_s = self._jax_attention(s_items, s_events, s_gaps)
+                w_u, u_items = self._jax_user_attention(tf.cast(u, tf.int32))
+            use_s = (n_known > 0)[:, None]
+            own = known[:, None]
+            w = tf.where(use_s, w_s, tf.where(own, w_u, tf.zeros_like(w_u)))
+            pos = tf.where(use_s, s_items, tf.where(own, u_items, -tf.ones_like(u_items)))
+            ids = self.item_id.lookup(tf.cast(tf.maximum(pos, 0), tf.int64))
+            return {"weights": w, "items": tf.where(pos >= 0, ids, tf.fill(tf.shape(ids), "")),
+                    "known": known, "session_known": n_known}
 
         def _session_inputs(self, items, events, ts):
             same = tf.debugging.Assert(
@@ -566,6 +619,12 @@ def _build_module(tf, *, leaves, treedef, score_fn, user_item_scores_fn, unit_ve
                  tf.TensorSpec([None], tf.string, name="item")]
                 + [tf.TensorSpec([None], tf.int32, name=c) for c in ctx_names])
         module.predict_ctr = tf.function(module._predict_ctr, input_signature=spec)
+    if has_attention:
+        module.session_attention = tf.function(module._session_attention, input_signature=[
+            tf.TensorSpec([None], tf.string, name="user"),
+            tf.TensorSpec([None, None], tf.string, name="items"),
+            tf.TensorSpec([None, None], tf.string, name="events"),
+            tf.TensorSpec([None, None], tf.float64, name="ts")])
     return module
 
 
@@ -728,6 +787,9 @@ def export_saved_model(
         }
         if predict_fn is not None:
             signatures[layout.SIG_PREDICT_CTR] = module.predict_ctr.get_concrete_function()
+        if hasattr(module, "session_attention"):
+            signatures[layout.SIG_SESSION_ATTENTION] = (
+                module.session_attention.get_concrete_function())
         try:
             tf.saved_model.save(module, str(saved), signatures=signatures)
         except Exception as e:
@@ -789,6 +851,9 @@ def _check_session(session: SessionModel | None, num_users: int,
         if session.encode_fn is None or not int(session.max_len) >= 1:
             raise ExportError("session mode 'sequential' needs encode_fn and max_len >= 1; got "
                               f"max_len={session.max_len!r}")
+        if (session.attention_fn is None) != (session.user_attention_fn is None):
+            raise ExportError("session: give both attention_fn and user_attention_fn (the "
+                              "session_attention signature needs both) or neither")
         v = np.asarray(session.item_vectors)
         if v.ndim != 2 or v.shape[0] != num_items:
             raise ExportError(f"session.item_vectors must be [{num_items}, d]; got {v.shape}")
@@ -1042,7 +1107,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, version: 
             "sequential", encode_fn=seq.encode_fn, item_vectors=seq.item_vectors,
             max_len=seq.max_len, use_gaps=seq.use_gaps,
             event_vocab=_event_vocab(r.task) if seq.use_events else (),
-            history=_history(r.task, seq.max_len)))
+            history=_history(r.task, seq.max_len), attention_fn=seq.attention_fn,
+            user_attention_fn=seq.user_attention_fn))
     else:
         raise ExportError(f"{run_dir}: model.name={r.cfg.model.name!r} "
                           f"({type(model).__name__}); export_run exports mf, embed_mlp and "

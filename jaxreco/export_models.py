@@ -242,7 +242,11 @@ def model_functions(model: nnx.Module, **kwargs) -> ModelFunctions:
 class SequentialFunctions:
     """:class:`ModelFunctions` of a :class:`~jaxreco.models.sequential.Sequential` model plus
     ``encode_fn(params, items int32[b, L], events int32[b, L], gaps float32[b, L]) -> [b, d]``
-    and the item vectors ``[num_items, d]`` (what ``session_scores`` ranks against)."""
+    and the item vectors ``[num_items, d]`` (what ``session_scores`` ranks against);
+    ``attention_fn`` (same inputs ``-> [b, L]``) and ``user_attention_fn(params, user
+    int32[b]) -> (weights [b, L], items int32[b, L])`` give the encoder's attention of the
+    last position (:meth:`~jaxreco.models.sequential.Sequential.attention`, rollout) over a
+    sequence and over a known user's own sequence (what ``user_scores`` encodes)."""
 
     functions: ModelFunctions
     encode_fn: Callable
@@ -250,6 +254,8 @@ class SequentialFunctions:
     max_len: int
     use_events: bool
     use_gaps: bool
+    attention_fn: Callable | None = None
+    user_attention_fn: Callable | None = None
 
 
 def sequential_functions(graphdef, tables: nnx.State, dense: nnx.State, *, num_users: int,
@@ -263,7 +269,7 @@ def sequential_functions(graphdef, tables: nnx.State, dense: nnx.State, *, num_u
     ``score``/``recommend``/``user_scores`` rank exactly as :mod:`jaxreco.evaluate` does;
     ``encode_fn`` runs the same encoder on any sequence (``session_scores``). The model's
     pinned interface is all that is called: ``encode``, ``item_vectors``, ``max_len``,
-    ``num_items``.
+    ``num_items``, and ``attention`` for the ``session_attention`` signature.
     """
     abstract = nnx.merge(graphdef, tables, dense)
     if not isinstance(abstract, Sequential):
@@ -290,12 +296,23 @@ def sequential_functions(graphdef, tables: nnx.State, dense: nnx.State, *, num_u
     def vectors(p):
         return model_of(p).item_vectors()[:num_items]
 
-    def user_h(p, u):
+    def attention(p, items, events, gaps):
+        m = model_of(p)
+        return m.attention(items, events if use_events else None, gaps if use_gaps else None)
+
+    def user_inputs(p, u):
         s = p["seq"]
         items = s["seq_item"][u]
         ev = s["seq_event"][u] if use_events else jnp.zeros_like(items)
         gp = s["seq_gap"][u] if use_gaps else jnp.zeros(items.shape, jnp.float32)
-        return encode(p, items, ev, gp)
+        return items, ev, gp
+
+    def user_h(p, u):
+        return encode(p, *user_inputs(p, u))
+
+    def user_attention(p, u):
+        items, ev, gp = user_inputs(p, u)
+        return attention(p, items, ev, gp), items
 
     def score(p, u, i):
         return jnp.sum(user_h(p, u) * vectors(p)[i], axis=-1)
@@ -307,4 +324,4 @@ def sequential_functions(graphdef, tables: nnx.State, dense: nnx.State, *, num_u
                          item_vectors_fn=vectors, heads=tuple(abstract.heads),
                          item_vectors="E_i (the shared item table)")
     return SequentialFunctions(fns, encode, np.asarray(jax.jit(vectors)(params), np.float32),
-                               L, bool(use_events), bool(use_gaps))
+                               L, bool(use_events), bool(use_gaps), attention, user_attention)

@@ -127,6 +127,11 @@ class Sequential(LookupModel):
                     deterministic: bool = True, dropout_seeds=None) -> jax.Array:
         """``h [B, L, d]`` at every position from the looked-up rows ``item_rows [B, L, d]``
         of ``items [B, L]`` (``-1`` = padding; those rows are ignored)."""
+        return self._encoder(item_rows, items, events, gaps, deterministic=deterministic,
+                             dropout_seeds=dropout_seeds)[0]
+
+    def _encoder(self, item_rows, items, events, gaps, *, deterministic: bool, dropout_seeds):
+        """``(h [B, L, d], [attention [B, heads, L, L] of each block])``."""
         b, L = items.shape
         if L != self.max_len:
             raise ValueError(f"sequential model: input length {L} != max_len {self.max_len}")
@@ -144,6 +149,7 @@ class Sequential(LookupModel):
         causal = jnp.tril(jnp.ones((L, L), bool))
         allowed = causal[None] & valid[:, None, :]                       # [B, Lq, Lk]
         nh, dh = self.num_heads, self.dim // self.num_heads
+        atts = []
         for n, blk in enumerate(self.blocks):
             a = _layer_norm(x, blk["ln1_s"][...], blk["ln1_b"][...])
             qkv = a @ blk["w_qkv"][...] + blk["b_qkv"][...]
@@ -151,6 +157,7 @@ class Sequential(LookupModel):
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
             logits = jnp.where(allowed[:, None], logits, _NEG)
             att = jax.nn.softmax(logits, axis=-1)
+            atts.append(att)
             o = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, L, self.dim)
             o = o @ blk["w_o"][...] + blk["b_o"][...]
             x = x + self._drop(o, keys, 2 * n + 1, deterministic)
@@ -158,7 +165,7 @@ class Sequential(LookupModel):
             f = jax.nn.relu(f @ blk["w_1"][...] + blk["b_1"][...]) @ blk["w_2"][...] + blk["b_2"][...]
             x = x + self._drop(f, keys, 2 * n + 2, deterministic)
             x = jnp.where(valid[..., None], x, 0.0)
-        return _layer_norm(x, self.lnf_s[...], self.lnf_b[...])
+        return _layer_norm(x, self.lnf_s[...], self.lnf_b[...]), atts
 
     def encode(self, items: jax.Array, events=None, gaps=None, *, deterministic: bool = True,
                dropout_seeds=None) -> jax.Array:
@@ -169,6 +176,47 @@ class Sequential(LookupModel):
         rows = jnp.take(self.item_embed[...], jnp.maximum(items, 0), axis=0)
         return self.encode_rows(rows, items, events, gaps, deterministic=deterministic,
                                 dropout_seeds=dropout_seeds)[:, -1]
+
+    def attention(self, items: jax.Array, events=None, gaps=None, *,
+                  method: str = "rollout") -> jax.Array:
+        """``[B, L]``: how much each input position of ``items [B, L]`` (as :meth:`encode`
+        takes them) feeds the representation after the latest item, ``h_{L-1}``.
+
+        With ``Ā_n`` block ``n``'s attention averaged over heads (``[L, L]``, row ``t`` the
+        weights of query position ``t``, causal and without padded keys):
+
+        * ``"rollout"`` (attention rollout, Abnar & Zuidema 2020): row ``L-1`` of
+          ``Ã_N ⋯ Ã_1`` with ``Ã_n = ½ Ā_n + ½ I`` (the residual connection carries half of
+          each position's own input through a block). A block's keys are already mixtures
+          of earlier positions, so the product traces the weights back to the input items.
+        * ``"last"``: row ``L-1`` of ``Ā_N``, the last block's attention of the last
+          position (over the block's inputs, which mix earlier items).
+
+        Each row is a distribution over the non-padding positions (they sum to 1; padded
+        positions get 0, and a row without any item is all 0). The weights do not depend
+        on the candidate item: they say which of the shopper's items the next-item
+        representation is built from. A model without blocks gives all weight to the
+        latest item.
+        """
+        if method not in ("rollout", "last"):
+            raise ValueError(f"attention method={method!r}: must be 'rollout' or 'last'")
+        items = jnp.asarray(items, jnp.int32)
+        rows = jnp.take(self.item_embed[...], jnp.maximum(items, 0), axis=0)
+        _, atts = self._encoder(rows, items, events, gaps, deterministic=True,
+                                dropout_seeds=None)
+        b, L = items.shape
+        eye = jnp.eye(L, dtype=jnp.float32)
+        if not atts:
+            w = jnp.broadcast_to(eye[-1], (b, L))
+        elif method == "last":
+            w = jnp.mean(atts[-1], axis=1)[:, -1]
+        else:
+            r = jnp.broadcast_to(eye, (b, L, L))
+            for a in atts:
+                r = jnp.einsum("bqk,bkt->bqt", 0.5 * jnp.mean(a, axis=1) + 0.5 * eye, r,
+                               precision=jax.lax.Precision.HIGHEST)
+            w = r[:, -1]
+        return jnp.where(items >= 0, w, 0.0)
 
     def item_vectors(self) -> jax.Array:
         """``[rows, d]``: the output item vectors (the item table; rows >= num_items pad)."""

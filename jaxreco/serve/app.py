@@ -407,7 +407,8 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
                                         description="Items not to recommend in this request.")
         explain: StrictBool = Field(False, description=(
             "Add per item the history items that contributed most to its score (exact for "
-            "dot/iALS models) and the business reasons."))
+            "dot/iALS models; the encoder's attention for sequential models) and the "
+            "business reasons."))
 
         @model_validator(mode="after")
         def _one(self):

@@ -43,6 +43,11 @@ SIG_DEFAULT = "serving_default"    # same function as ``recommend``
 SIG_SESSION_SCORES = "session_scores"
 # The same inputs and k [] i32 -> items[b,k] str, scores[b,k], known[b], session_known[b].
 SIG_RECOMMEND_SESSION = "recommend_session"
+# Sequential models (explain=true): the same inputs as session_scores -> weights[b, L] f32
+# (the encoder's attention of the last position, rollout over the blocks, over the L input
+# positions of the sequence session_scores encodes; sums to 1 over the non-padding ones),
+# items[b, L] str (each position's item, "" = padding), known[b], session_known[b].
+SIG_SESSION_ATTENTION = "session_attention"
 SIGNATURES = (SIG_SCORE, SIG_RECOMMEND, SIG_SIMILAR, SIG_USER_SCORES, SIG_DEFAULT,
               SIG_SESSION_SCORES, SIG_RECOMMEND_SESSION)
 # How session_scores uses the session (metadata "session"."mode"): "foldin" (dot/iALS

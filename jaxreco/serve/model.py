@@ -192,6 +192,9 @@ class ServedModel:
         self.has_session = layout.SIG_SESSION_SCORES in self.signatures
         self.session_meta = dict(self.meta.get("session") or {"mode": "exclude"})
         self.session_cap = int(self.session_meta.get("max_len") or SESSION_CAP)
+        # session_attention (sequential models exported since explain=true): the encoder's
+        # attention over the sequence session_scores encodes
+        self.has_attention = layout.SIG_SESSION_ATTENTION in self.signatures
         self.rules = CompiledRules.compile(rules or BusinessRules(), self.item_index,
                                            self.num_items, self.item_category)
 
@@ -220,6 +223,8 @@ class ServedModel:
                 self.signatures[layout.SIG_PREDICT_CTR](user=ids, item=ids, **self._ctx_fill(b))
             if self.has_session:
                 self.session_scores([""] * b, [[("", "", 0.0)]] * b)
+            if self.has_attention:
+                self.session_attention([""] * b, [[("", "", 0.0)]] * b)
 
     # ------------------------------------------------------------------ queries
     def user_scores(self, users: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -236,6 +241,25 @@ class ServedModel:
         oldest first (the caller cuts it to :attr:`session_cap`). The batch and the session
         width are padded to powers of two."""
         n = len(users)
+        out = self.signatures[layout.SIG_SESSION_SCORES](**self._session_inputs(users, sessions))
+        return (out["scores"].numpy()[:n], out["known"].numpy()[:n],
+                out["session_known"].numpy()[:n])
+
+    def session_attention(self, users: list[str], sessions: list[list[tuple[str, str, float]]]
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(weights float32 [b, L], items str [b, L], known bool [b])``: the sequential
+        encoder's attention of the last position over the sequence :meth:`session_scores`
+        encodes for the same inputs (an empty session: the user's own sequence); ``items``
+        names each position's item, "" at padding (weight 0)."""
+        n = len(users)
+        out = self.signatures[layout.SIG_SESSION_ATTENTION](**self._session_inputs(users, sessions))
+        ids = np.asarray([[x.decode("utf-8") for x in row] for row in out["items"].numpy()[:n]],
+                         dtype=object).reshape(n, -1)
+        return out["weights"].numpy()[:n], ids, out["known"].numpy()[:n]
+
+    def _session_inputs(self, users, sessions) -> dict[str, tf.Tensor]:
+        """The session signatures' inputs, batch and session width padded to powers of 2."""
+        n = len(users)
         b = _bucket(n, self.max_batch)
         width = _bucket(max([len(x) for x in sessions] + [1]), 1 << 30)
         items = np.full((b, width), "", dtype=object)
@@ -244,11 +268,9 @@ class ServedModel:
         for r, sess in enumerate(sessions):
             for j, (it, ev, t) in enumerate(sess):
                 items[r, j], events[r, j], ts[r, j] = it, ev or "", t or 0.0
-        out = self.signatures[layout.SIG_SESSION_SCORES](
-            user=tf.constant(list(users) + [""] * (b - n)), items=tf.constant(items.tolist()),
-            events=tf.constant(events.tolist()), ts=tf.constant(ts))
-        return (out["scores"].numpy()[:n], out["known"].numpy()[:n],
-                out["session_known"].numpy()[:n])
+        return {"user": tf.constant(list(users) + [""] * (b - n)),
+                "items": tf.constant(items.tolist()), "events": tf.constant(events.tolist()),
+                "ts": tf.constant(ts)}
 
     def similar(self, items: list[str], k: int) -> dict[str, np.ndarray]:
         n = len(items)

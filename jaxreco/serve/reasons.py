@@ -7,6 +7,16 @@ training items, plus the session's known items (the latest ``session_cap``) when
 request has a session of events, each once. ``score`` is the fold-in score the
 contributions and ``base`` sum to; it is the served score for a session request, and close
 to it for a known user without a session (module docstring of :mod:`jaxreco.explain`).
+
+For a sequential model exported with the ``session_attention`` signature the history items
+are those the encoder's last position attends to most (``method: "attention"``, attention
+rollout over the blocks, :meth:`jaxreco.models.sequential.Sequential.attention`), over the
+sequence the served scores were computed from: the user's latest items and the session's
+(the latest ``session_cap`` known ones), or the user's own sequence without a session. An
+item that occurs at several positions gets the sum of their weights; the weights of all the
+sequence's items sum to 1. They do not depend on the recommended item, so every item of one
+answer lists the same ones, and they say where the representation draws from, not a
+decomposition of the score (no ``score``/``base``).
 Other models get the business reasons only (``method: "none"``).
 
 Business reasons: ``promoted`` (the rules boost the item: the served score is the model's
@@ -25,7 +35,8 @@ from jaxreco.scenarios import basket
 
 class HistoryItem(BaseModel):
     item: str
-    contribution: float
+    contribution: float = Field(description="foldin: the item's term of the score; attention: "
+                                            "its attention weight (all sum to 1).")
 
 
 class Reason(BaseModel):
@@ -39,7 +50,8 @@ class Reason(BaseModel):
 
 
 class ItemReasons(BaseModel):
-    method: str = Field(description="foldin (exact decomposition of a dot/iALS score) or none")
+    method: str = Field(description="foldin (exact decomposition of a dot/iALS score), "
+                                    "attention (a sequential model's attention rollout) or none")
     score: float | None = Field(None, description="The fold-in score: base + the sum of every "
                                                   "history item's contribution.")
     base: float | None = None
@@ -87,12 +99,45 @@ def _data(m) -> _VersionData:
     return d
 
 
+def attention_items(ids, weights, top: int = 3) -> list[dict]:
+    """The ``top`` items of a sequence by attention weight (summed over an item's
+    positions; padding, id "", skipped), largest first, as ``{"item", "contribution"}``."""
+    total: dict[str, float] = {}
+    for i, w in zip(ids, weights):
+        if i:
+            total[i] = total.get(i, 0.0) + float(w)
+    order = sorted(total.items(), key=lambda kv: -kv[1])[:top]
+    return [{"item": i, "contribution": w} for i, w in order]
+
+
+def _attention(out: dict, models: dict, payload: dict) -> dict[int, list[dict]]:
+    """``{result index: top attention items}`` for the results served by a sequential model
+    with ``session_attention``: one call per model, with the session cut as the scores were."""
+    rows: dict[int, list[int]] = {}
+    for r, res in enumerate(out["results"]):
+        m = models[res["arm"]]
+        if getattr(m, "has_attention", False):
+            rows.setdefault(id(m), []).append(r)
+    found = {}
+    for rs in rows.values():
+        m = models[out["results"][rs[0]]["arm"]]
+        sess = []
+        if payload.get("session") is not None:
+            sess = [e for e in payload["session"] if e[0] in m.item_index][-m.session_cap:]
+        users = [out["results"][r]["user"] or "" for r in rs]
+        w, ids, _ = m.session_attention(users, [sess] * len(rs))
+        for n, r in enumerate(rs):
+            found[r] = attention_items(ids[n], w[n])
+    return found
+
+
 def annotate(out: dict, arms: list, payload: dict) -> dict:
     """Adds ``explain`` (an :class:`ItemReasons`) to every item of a ``/recommend`` answer
     ``out`` computed for ``payload`` by the ``arms`` ``[(name, ServedModel)]``."""
     models = dict(arms)
     boosts: dict = {}
-    for res in out["results"]:
+    attention = _attention(out, models, payload)
+    for n_res, res in enumerate(out["results"]):
         m = models[res["arm"]]
         d = _data(m)
         hist = [] if res["cold_start"] else d.seen(res["user"])
@@ -120,5 +165,7 @@ def annotate(out: dict, arms: list, payload: dict) -> dict:
             if contrib is not None:
                 e.update(method="foldin", score=float(score[r]), base=float(base[r]),
                          history_items=top_contributions(ids, contrib[r]))
+            elif n_res in attention:
+                e.update(method="attention", history_items=attention[n_res])
             x["explain"] = e
     return out
