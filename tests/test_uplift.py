@@ -96,7 +96,8 @@ def test_trained_uplift_model_beats_largest_discount_first(tmp_path, capsys):
                                  "dataset.num_users=300", "dataset.exposures_per_user=40",
                                  "logger.tensorboard=false"])
     assert m["test/auc"] > 0.6
-    spec = importlib.util.spec_from_file_location("uplift_eval", ROOT / "scripts" / "uplift_eval.py")
+    spec = importlib.util.spec_from_file_location("uplift_eval",
+                                                  ROOT / "scripts" / "uplift_eval.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.main(["--run-dir", str(tmp_path / "run"), "--split", "test"])

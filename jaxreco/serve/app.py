@@ -358,7 +358,7 @@ def create_app(manager: ModelManager, config: ServeConfig = ServeConfig(), *,
     manager built with ``pinned=ab.pinned_versions``. ``event_log``: where served records
     and ``POST /events`` go (started on app start-up if not yet; None: not collected).
     ``offers``: the promotions catalogue, budget ledger and uplift model behind ``/offers``,
-    ``/redeem`` and ``coupon_boost`` (started with the app; None: they answer 503 / 400).
+    ``/redeem`` and ``coupon_boost`` (started with the app; None: they answer 409 / 400).
     """
     ab = ab or ABConfig.default()
     if not ab.is_default and tuple(manager.pinned) != tuple(ab.pinned_versions):

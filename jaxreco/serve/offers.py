@@ -277,7 +277,8 @@ def rank_offers(cands: list[Coupon], p_fn: Callable[[list[str]], tuple[np.ndarra
         why = [f"valid until {_iso(c.valid_until)}", f"budget left {left:.2f} of {c.budget:.2f}"]
         if c.min_spend > 0:
             why.append(f"min spend {c.min_spend:.2f} " + (
-                "not checked (no cart)" if cart_total is None else f"met by the cart ({cart_total:.2f})"))
+                "not checked (no cart)" if cart_total is None
+                else f"met by the cart ({cart_total:.2f})"))
         if c.percent is not None:
             pct = c.percent
         else:
@@ -378,7 +379,8 @@ def _now(v) -> float:
 def make_router(get_model: Callable[[], Any], get_service: Callable[[], OffersService | None],
                 executor, *, max_k: int = 1000, max_cart: int = 1000) -> APIRouter:
     """The ``/offers`` and ``/redeem`` router. ``get_model()`` gives the served recommender
-    (or raises), ``get_service()`` the :class:`OffersService` (None: 503)."""
+    (or raises), ``get_service()`` the :class:`OffersService` (None: 409, as ``/complete``
+    answers a version without what it needs)."""
     router = APIRouter()
 
     class CartLine(BaseModel):
@@ -434,7 +436,7 @@ def make_router(get_model: Callable[[], Any], get_service: Callable[[], OffersSe
     def _service() -> OffersService:
         s = get_service()
         if s is None:
-            raise HTTPException(503, "this server has no promotions catalogue: start "
+            raise HTTPException(409, "this server has no promotions catalogue: start "
                                      "jaxreco-serve with --promotions FILE_OR_URL")
         return s
 
