@@ -68,3 +68,22 @@ def test_server_noise_reports_epsilon_and_is_seeded(tmp_path, monkeypatch):
     assert runs[0]["federated"]["privacy/epsilon"] == pytest.approx(4.0, rel=1e-3)
     assert np.isfinite(runs[0]["tables"]["item"]).all()
     np.testing.assert_array_equal(runs[0]["tables"]["item"], runs[1]["tables"]["item"])
+
+
+def test_server_solves_touched_items_and_leaves_untouched_ones_as_sent():
+    """An item no client touched keeps the row the server sent (the trainer's item step
+    leaves items without positives alone); the others are the iALS item solve."""
+    rng = np.random.default_rng(0)
+    d, num_users, alpha0, reg, nu = 4, 30, 0.2, 0.05, 1.0
+    p = rng.normal(size=(num_users, d))
+    touched = [rng.choice(num_users, k, replace=False) for k in (3, 7, 1, 12)] + [[]]
+    g = np.stack([p[u].T @ p[u] for u in touched])
+    b = np.stack([p[u].sum(0) if len(u) else np.zeros(d) for u in touched])
+    n = np.asarray([len(u) for u in touched], np.float64)
+    previous = rng.normal(size=(len(touched), d)).astype(np.float32)
+    q = fed.item_solve(g, b, n, p.T @ p, num_users=num_users, alpha0=alpha0, reg=reg, nu=nu,
+                       previous=previous)
+    np.testing.assert_array_equal(q[4], previous[4])
+    for i in range(4):
+        a = g[i] + alpha0 * p.T @ p + reg * (n[i] + alpha0 * num_users) ** nu * np.eye(d)
+        np.testing.assert_allclose(q[i], np.linalg.solve(a, b[i]), atol=1e-5)

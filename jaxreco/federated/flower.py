@@ -79,7 +79,8 @@ class IALSStrategy(flwr.server.strategy.Strategy):
                  for _, r in results]
         num_items, d = self.q.shape
         g, b, n, ug = fed.aggregate(stats, num_items, d)
-        self.q = fed.item_solve(g, b, n, ug, round_index=server_round - 1, **self.kw)
+        self.q = fed.item_solve(g, b, n, ug, round_index=server_round - 1, previous=self.q,
+                                **self.kw)
         sent = [s.nbytes for s in stats]
         self.rounds.append({"round": server_round, "clients": len(stats),
                             "bytes_per_client": float(np.mean(sent)),

@@ -170,16 +170,24 @@ def _full(upper: np.ndarray, d: int) -> np.ndarray:
 
 def item_solve(g, b, n, user_gram, *, num_users: int, alpha0: float, reg: float, nu: float,
                privacy: dp_ials.Plan | None = None, round_index: int = 0,
-               chunk: int = 1024) -> np.ndarray:
+               previous: np.ndarray | None = None, chunk: int = 1024) -> np.ndarray:
     """The server's item half-step from the summed statistics (float64 sums, float32
-    solves as in the trainer). With ``privacy``: Gaussian noise of the plan's σ on every
-    item's (G, b, n) and on the Gramian (keys ``fold_in(key(seed), round)``, as
-    :func:`jaxreco.privacy.dp_ials.dp_item_solve`), then the PSD-projected solve."""
+    solves as in the trainer). Without ``privacy``, an item no client touched (``n = 0``)
+    keeps its row of ``previous`` (the item table sent this round), as the trainer's item
+    half-step leaves items without positives alone (given no ``previous``: solved, 0).
+    With ``privacy``: Gaussian noise of the plan's σ on every item's (G, b, n) and on the
+    Gramian (keys ``fold_in(key(seed), round)``, as
+    :func:`jaxreco.privacy.dp_ials.dp_item_solve`), then the PSD-projected solve of every
+    item (which items were touched is itself private)."""
     num_items, d = b.shape
     if privacy is None:
-        return _exact_solve(jnp.asarray(g, jnp.float32), jnp.asarray(b, jnp.float32),
-                            jnp.asarray(n, jnp.float32), jnp.asarray(user_gram, jnp.float32),
-                            float(num_users), alpha0, reg, nu)
+        q = np.asarray(_exact_solve(jnp.asarray(g, jnp.float32), jnp.asarray(b, jnp.float32),
+                                    jnp.asarray(n, jnp.float32),
+                                    jnp.asarray(user_gram, jnp.float32),
+                                    float(num_users), alpha0, reg, nu))
+        if previous is not None:
+            q = np.where((np.asarray(n) > 0)[:, None], q, np.asarray(previous, np.float32))
+        return q
     key = jax.random.fold_in(jax.random.key(privacy.seed), round_index)
     k_items, k_global = jax.random.split(key)
     sigma = privacy.noise_std

@@ -38,7 +38,8 @@ def local_rounds(clients: list[fed.Client], q0: np.ndarray, rounds: int, **solve
     for r in range(rounds):
         t0 = time.time()
         stats = [c.fit(q) for c in clients]
-        q = fed.item_solve(*fed.aggregate(stats, *q.shape), round_index=r, **solve_kw)
+        q = fed.item_solve(*fed.aggregate(stats, *q.shape), round_index=r, previous=q,
+                           **solve_kw)
         records.append({"round": r + 1, "clients": len(stats),
                         "bytes_per_client": float(np.mean([s.nbytes for s in stats])),
                         "bytes_per_client_max": float(max(s.nbytes for s in stats)),
