@@ -13,8 +13,9 @@ Private Recurrent Language Models"):
    their training examples (a uniform sample without replacement, drawn once per run, as
    DP iALS samples positives), laid out as a padded ``[num_users, k]`` block.
 3. **Per-user gradient.** For a sampled user ``u`` with examples ``E_u`` the loss is
-   ``L_u = Σ_{e ∈ E_u} ℓ(e)`` (the task's per-example loss, its regulariser included). Its
-   gradient splits into
+   ``L_u = (1/|E_u|) Σ_{e ∈ E_u} ℓ(e)`` (the task's per-example loss, its regulariser
+   included; a mean, so every user weighs the same before clipping). Its gradient splits
+   into
 
    * the *private* part: the rows of tables indexed by the user id alone (``user_embed``,
      ``user_bias``, ...). Only user ``u``'s examples touch row ``u``;
@@ -35,8 +36,8 @@ Private Recurrent Language Models"):
    price of DP-SGD here: a step reads and writes the whole item table and its optimizer
    slots instead of the batch's rows (the page measures it).
 
-**User rows: joint DP.** Row ``p_u`` is updated only from user ``u``'s own gradient
-(unclipped, unnoised), which depends on ``u``'s data and on the shared parameters — DP
+**User rows: joint DP.** Row ``p_u`` is updated, when ``u`` is sampled, by the table
+optimizer with user ``u``'s own gradient ``∇_{p_u} L_u`` (unclipped, unnoised), which depends on ``u``'s data and on the shared parameters — DP
 outputs. The released model is the shared part; ``p_u`` is only ever shown to user ``u``
 (their own recommendations): joint differential privacy (Kearns et al. 2014), the billboard
 model of Chien et al. 2021 and of :mod:`jaxreco.privacy.dp_ials`. Noising the user rows too
@@ -240,7 +241,7 @@ def make_functions(graphdef, tables: ShardedTables, loss_fn, plan_: Plan,
     """``(user_gradients, clip)`` (``table_rows``: rows of each table):
 
     * ``user_gradients(state, data, users) -> (g_rows, g_dense, ex, loss_sum, count)``: for
-      the users ``[B]`` (``num_users`` = padding), the gradient of each one's summed loss
+      the users ``[B]`` (``num_users`` = padding), the gradient of each one's mean loss
       over their examples in ``data`` (:func:`user_blocks` on device): rows ``[B, m, d]``
       per table and feature, dense leaves ``[B, ...]``; ``ex`` the examples ``[B, m]``;
     * ``clip(g_rows, g_dense, ex) -> (scale [B], norm [B])``: the factor ``min(1, C/‖g_u‖)``
@@ -264,7 +265,7 @@ def make_functions(graphdef, tables: ShardedTables, loss_fn, plan_: Plan,
                 model = nnx.merge(graphdef, state.tables, dense)
                 per = _per_example(loss_fn, model, rows_u, ex_u)
                 total = jnp.sum(jnp.where(mask_u, per, 0.0))
-                return total, total
+                return total / jnp.maximum(jnp.sum(mask_u), 1).astype(total.dtype), total
             (g_rows, g_dense), total = jax.grad(objective, argnums=(0, 1), has_aux=True)(
                 rows_u, dense)
             return g_rows, g_dense, total
@@ -345,7 +346,7 @@ def make_dp_step(graphdef, tables: ShardedTables, loss_fn, dense_tx: optax.Gradi
                                                         noisy[t], state.step)
         flat_users = users.reshape(-1)
         for t in private:                                 # joint DP: each user's own row
-            g = priv[t].reshape(-1, priv[t].shape[-1]) / denom
+            g = priv[t].reshape(-1, priv[t].shape[-1])
             new_values[t], new_slots[t] = row_opt.update(values[t], state.table_opt[t],
                                                          flat_users, g, state.step)
         updates, dense_opt = dense_tx.update(g_dense, state.dense_opt, state.dense)
