@@ -57,10 +57,10 @@ def main() -> None:
             return opt.update(table, slots, ids, grads, step)
 
         step = jnp.int32(10)
-        print(f"dense_ms_rows{n}: {_time(dense, table, slots, jax.random.key(3), step, repeat=a.repeat):.2f}",
-              flush=True)
-        print(f"sparse_ms_rows{n}: {_time(sparse, table, slots, ids, grads, step, repeat=a.repeat):.2f}",
-              flush=True)
+        d = _time(dense, table, slots, jax.random.key(3), step, repeat=a.repeat)
+        s = _time(sparse, table, slots, ids, grads, step, repeat=a.repeat)
+        print(f"dense_ms_rows{n}: {d:.2f}", flush=True)
+        print(f"sparse_ms_rows{n}: {s:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def built(tmp_path_factory):
     """The real model state, DP plan, per-user data and jitted step of a tiny ml1m_mf_dp run
     (SGD at rate 1, so that an update is minus the noisy mean gradient)."""
     tmp = tmp_path_factory.mktemp("dp_sgd")
-    cfg = compose_train(_over(tmp, "model.dim=16", "privacy.clip_norm=0.05",
+    cfg = compose_train(_over(tmp, "model.dim=16", "trainer.epochs=2", "privacy.clip_norm=0.05",
                               "privacy.epsilon=null", "privacy.noise_multiplier=1.5",
                               "optimizer=sgd", "optimizer.lr=1", "optimizer.dense_lr=1"))
     config.validate(cfg)
@@ -68,7 +68,7 @@ def test_each_users_clipped_contribution_is_at_most_C_and_is_what_the_step_adds(
     ≤ C, and the step moves the item table by minus their sum over the expected number of
     users plus the noise (SGD is linear: the same step with nobody sampled gives the noise
     alone); user rows move by their own user's gradient only."""
-    task, ms, pl, state, users = built["task"], built["ms"], built["pl"], built["state"], built["users"]
+    task, ms, pl, state, users = (built[k] for k in ("task", "ms", "pl", "state", "users"))
     ug, clip = dp_sgd.make_functions(ms.graphdef, ms.tables, task.loss_fn(ms.abstract_model),
                                      pl, built["rows"])
     g_rows, g_dense, ex, _, _ = jax.jit(ug)(state, built["data"], users[0])

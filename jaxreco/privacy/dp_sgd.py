@@ -37,10 +37,11 @@ Private Recurrent Language Models"):
    slots instead of the batch's rows (the page measures it).
 
 **User rows: joint DP.** Row ``p_u`` is updated, when ``u`` is sampled, by the table
-optimizer with user ``u``'s own gradient ``∇_{p_u} L_u`` (unclipped, unnoised), which depends on ``u``'s data and on the shared parameters — DP
-outputs. The released model is the shared part; ``p_u`` is only ever shown to user ``u``
-(their own recommendations): joint differential privacy (Kearns et al. 2014), the billboard
-model of Chien et al. 2021 and of :mod:`jaxreco.privacy.dp_ials`. Noising the user rows too
+optimizer with user ``u``'s own gradient ``∇_{p_u} L_u`` (unclipped, unnoised), which
+depends on ``u``'s data and on the shared parameters — DP outputs. The released model is
+the shared part; ``p_u`` is only ever shown to user ``u`` (their own recommendations):
+joint differential privacy (Kearns et al. 2014), the billboard model of Chien et al. 2021
+and of :mod:`jaxreco.privacy.dp_ials`. Noising the user rows too
 would add ``N(0, σ²C²)`` to each of ``num_users × dim`` coordinates per step for nothing a
 billboard release needs.
 

@@ -46,7 +46,8 @@ def is_solver(cfg: DictConfig) -> bool:
 
 
 def is_dp_sgd(cfg: DictConfig) -> bool:
-    """``privacy=dp`` with a gradient optimizer: user-level DP-SGD (:mod:`jaxreco.privacy.dp_sgd`)."""
+    """``privacy=dp`` with a gradient optimizer: user-level DP-SGD
+    (:mod:`jaxreco.privacy.dp_sgd`)."""
     return cfg.privacy.name == "dp" and not is_solver(cfg)
 
 
