@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -96,6 +95,23 @@ def test_grouping_covers_every_positive_once_in_bounded_chunks():
     assert 5 not in {r for r, _ in seen} and side.freq[5] == 0
     with pytest.raises(ValueError, match="out of range"):
         ials.group_rows(u, i + ITEMS, USERS, ITEMS, pad_row=16, dim=DIM)
+
+
+def test_bucket_lengths_cover_each_row_with_fewer_padded_slots_than_powers_of_two():
+    rng = np.random.default_rng(3)
+    n = np.concatenate([rng.zipf(1.6, 3000), [1, 2, 3, 5000]])
+    L = ials.bucket_lengths(n, min_len=8)
+    pow2 = np.maximum(8, 2 ** np.ceil(np.log2(n))).astype(np.int64)
+    assert (L >= np.maximum(n, 8)).all()
+    assert len(np.unique(L)) <= len(np.unique(pow2))
+    assert L.sum() < 0.9 * pow2.sum()
+    # every row sits in the shortest bucket that holds it
+    edges = np.unique(L)
+    np.testing.assert_array_equal(L, edges[np.searchsorted(edges, np.maximum(n, 8))])
+    # the optimum for a tiny case, checked by hand: {1, 2, 9, 10} in 2 buckets -> 2, 2, 10, 10
+    np.testing.assert_array_equal(ials.bucket_lengths(np.array([1, 2, 9, 10]), min_len=1,
+                                                      num_buckets=2), [2, 2, 10, 10])
+    np.testing.assert_array_equal(ials.bucket_lengths(np.array([3, 3]), min_len=8), [8, 8])
 
 
 def _confidences(n, seed=2):

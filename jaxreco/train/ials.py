@@ -17,12 +17,13 @@ recommendation benchmarks"):
 term costs one Gramian ``QᵀQ`` per half-epoch, so no negatives are sampled and every
 unobserved pair counts.
 
-Rows are grouped by history length into power-of-two buckets and solved in chunks of
-``R`` rows (gather ``[R, L, d]`` → ``R`` Gram matrices → batched Cholesky), one
-``lax.map`` per bucket inside a single jitted epoch, buckets one after another, so padding
-stays below 2x for rows with at least ``min_len`` positives and memory is bounded by
-``chunk_elements`` whatever the catalogue size. The tables keep their
-mesh sharding (the epoch is jitted with the train state's shardings).
+Rows are grouped by history length into buckets (lengths chosen to minimise padding,
+:func:`bucket_lengths`) and solved in chunks of ``R`` rows (gather ``[R, L, d]`` → ``R``
+Gram matrices → batched Cholesky), one ``lax.map`` per bucket inside a single jitted epoch,
+buckets one after another, so memory is bounded by ``chunk_elements`` whatever the
+catalogue size. A chunk is small enough (8 MiB) to stay in cache while its rows are solved:
+on a CPU, reading the gathered rows from memory, not arithmetic, is what a row solve costs.
+The tables keep their mesh sharding (the epoch is jitted with the train state's shardings).
 
 ``solver="cg"`` (``optimizer.solver=cg``) replaces the exact solve by ``cg_steps`` steps
 of conjugate gradients per row, warm-started from the row's current value (Takács, Pilászy &
@@ -81,7 +82,7 @@ class Side:
 
 
 def group_rows(row_ids: np.ndarray, col_ids: np.ndarray, num_rows: int, num_cols: int, *,
-               pad_row: int, dim: int, chunk_elements: int = 1 << 20,
+               pad_row: int, dim: int, chunk_elements: int = 1 << 21,
                gram_elements: int = 1 << 22, min_len: int = 8,
                weights: np.ndarray | None = None) -> Side:
     """Groups the positives ``(row_ids[k], col_ids[k])`` (confidence ``weights[k]``, default
@@ -90,7 +91,7 @@ def group_rows(row_ids: np.ndarray, col_ids: np.ndarray, num_rows: int, num_cols
     A row with ``n`` positives goes to the shortest bucket of length ``L ≥ max(n, min_len)``;
     the bucket lengths are chosen by :func:`bucket_lengths` (as many buckets as powers of
     two would give, placed to minimise the padded slots). A chunk holds ``R`` rows with
-    ``R·L·dim ≤ chunk_elements`` (the gathered rows: the default, 4 MiB of float32, keeps a
+    ``R·L·dim ≤ chunk_elements`` (the gathered rows: the default, 8 MiB of float32, keeps a
     chunk in cache while the row solve reads it several times) and ``R·dim² ≤
     gram_elements`` (the Gram matrices of the exact solve); a bucket's rows are spread evenly
     over its chunks, so fewer than one row per chunk is padding.
