@@ -1,8 +1,12 @@
 """Federated iALS on Flower next to the central trainer, for a ``jaxreco-train`` config.
 
     python scripts/federated_ials.py --clients 10 --rounds 4 experiment=federated_ials
-    python scripts/federated_ials.py --clients 10 --rounds 4 --dp experiment=federated_ials \
-        privacy=dp privacy.epsilon=8
+    python scripts/federated_ials.py --clients 10 --rounds 3 --dp experiment=dp_ials   # ε = 8
+    python scripts/federated_ials.py --engine local --clients 10 --rounds 4 experiment=federated_ials
+
+``--no-central`` skips the trainer's own epochs (the reference, and the tables' max
+difference): on 2 cores that reference can stall in jaxlib's LAPACK kernels
+(experiments/federated_ials/README.md, "The ML-1M stall").
 
 Prints each figure as ``name: value`` (experiments/federated_ials/README.md).
 """
