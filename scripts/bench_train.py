@@ -26,6 +26,9 @@ the ``bench`` extra) on the experiment's prepared random 90/10 split, both fitte
                                                   0.8394); compile and data loading included
   mf_final_rmse / libmf_final_rmse                test RMSE after the last epoch / iteration
   mf_vs_libmf_time_to_rmse_ratio                  jaxreco seconds / LibMF seconds (<= 1: ahead)
+  ..._spc<K>                                      the same with K steps per jitted call
+                                                  (``--steps-per-call``, default 1 and 8:
+                                                  ``make_multi_step``, the same updates)
 
 ``--sequential`` instead runs the trainer's own step of ``model=sequential`` /
 ``task.kind=next_item`` (the ``ml1m_sasrec`` experiment's settings unless overridden) on a
@@ -66,6 +69,9 @@ def _args():
     p.add_argument("--target-rmse", type=float, default=0.8394)
     p.add_argument("--libmf-threads", type=int, default=2)
     p.add_argument("--libmf-iters", type=int, default=100)
+    p.add_argument("--steps-per-call", type=int, nargs="+", default=[1, 8],
+                   help="--peers: jaxreco steps per jitted call (1: the trainer's way; K > 1: "
+                        "make_multi_step, the same updates K at a time)")
     p.add_argument("--sequential", action="store_true",
                    help="only the sequential model's training examples/s (one device)")
     p.add_argument("--seq-len", type=int, default=50, help="--sequential: model.max_len")
@@ -160,25 +166,46 @@ def _ml1m_mf_task():
     return cfg, task
 
 
-def mf_time_to_rmse(cfg, task, target: float) -> tuple[list[tuple[float, float]], float]:
+def mf_time_to_rmse(cfg, task, target: float, steps_per_call: int = 1
+                    ) -> tuple[list[tuple[float, float]], float]:
     """jaxreco's trainer pieces (the loop's state, step and batches) for ``trainer.epochs``
     epochs: ``([(training seconds so far, test RMSE) per epoch], seconds to reach target)``.
-    The clock runs from the first (compiling) step and stops while the test set is scored."""
+    The clock runs from the first (compiling) step and stops while the test set is scored.
+
+    ``steps_per_call`` K > 1: the same batches in the same order, K at a time through
+    :func:`jaxreco.train.step.make_multi_step` (one ``lax.scan`` per K steps; an epoch's
+    last ``steps mod K`` one by one), so the updates are the trainer's, with fewer
+    dispatches. ``jaxreco-train`` itself still dispatches every step (K = 1)."""
+    import jax.numpy as jnp
+
     from jaxreco.distributed import process_batch_shard
     from jaxreco.train import setup
+    from jaxreco.train.step import make_multi_step, make_train_step
 
     mesh = make_mesh(cfg.mesh.axes)
     ms = setup.model_state(cfg, task, mesh)
     in_sharding = batch_sharding(mesh, dict(cfg.mesh.rules))
     shard = process_batch_shard(in_sharding, cfg.trainer.batch_size)
     step_fn, _, next_batch = setup.train_step(cfg, task, ms, mesh, in_sharding, shard)
+    multi = None
+    if steps_per_call > 1:
+        raw = make_train_step(ms.graphdef, ms.tables, task.loss_fn(ms.abstract_model),
+                              ms.dense_tx)
+        multi = jax.jit(make_multi_step(raw), out_shardings=(ms.shardings, None),
+                        donate_argnums=0)
     task.setup(ms.graphdef, ms.tables, ms.abstract_model, in_sharding, mesh)
     state, curve, seconds, step, hit = ms.state, [], 0.0, 0, float("nan")
     for _ in range(cfg.trainer.epochs):
         t = time.perf_counter()
-        for _ in range(ms.steps_per_epoch):
-            state, _ = step_fn(state, next_batch(step))
-            step += 1
+        end = step + ms.steps_per_epoch
+        while step < end:
+            if multi is not None and end - step >= steps_per_call:
+                batches = [next_batch(step + j) for j in range(steps_per_call)]
+                state, _ = multi(state, jax.tree.map(lambda *x: jnp.stack(x), *batches))
+                step += steps_per_call
+            else:
+                state, _ = step_fn(state, next_batch(step))
+                step += 1
         jax.block_until_ready(state)
         seconds += time.perf_counter() - t
         rmse = task.evaluate(state, "test")["rmse"]
@@ -283,12 +310,16 @@ def peers(a) -> None:
           f"{cfg.optimizer.name} lr={cfg.optimizer.lr} schedule={cfg.optimizer.schedule} "
           f"batch={cfg.trainer.batch_size} epochs={cfg.trainer.epochs}; libmf k=128 "
           f"iters={a.libmf_iters} eta=0.03 l2=0.05", flush=True)
-    curve, mf_hit = mf_time_to_rmse(cfg, task, a.target_rmse)
-    for e, (s, r) in enumerate(curve, 1):
-        print(f"  mf epoch {e}: {s:.2f} s  test rmse {r:.4f}")
-    print(f"mf_seconds_to_rmse: {mf_hit:.2f}")
-    print(f"mf_seconds_all_epochs: {curve[-1][0]:.2f}")
-    print(f"mf_final_rmse: {curve[-1][1]:.4f}", flush=True)
+    hits = {}
+    for k in a.steps_per_call:
+        curve, hits[k] = mf_time_to_rmse(cfg, task, a.target_rmse, k)
+        sfx = "" if k == 1 else f"_spc{k}"
+        print(f"  jaxreco, {k} step(s) per call (1: as jaxreco-train runs):")
+        for e, (s, r) in enumerate(curve, 1):
+            print(f"  mf{sfx} epoch {e}: {s:.2f} s  test rmse {r:.4f}")
+        print(f"mf_seconds_to_rmse{sfx}: {hits[k]:.2f}")
+        print(f"mf_seconds_all_epochs{sfx}: {curve[-1][0]:.2f}")
+        print(f"mf_final_rmse{sfx}: {curve[-1][1]:.4f}", flush=True)
     to_rows = lambda d: np.stack([d["user"], d["item"], d["rating"]], 1).astype(np.float32)  # noqa: E731
     lm = libmf_time_to_rmse(to_rows(cols), to_rows(te), a.target_rmse, a.libmf_iters,
                             a.libmf_threads, rating_range)
@@ -301,7 +332,9 @@ def peers(a) -> None:
     print(f"libmf_seconds_all_iters: {lm['seconds_all_iters_logged']:.2f}  (per-iteration "
           f"test RMSE logged)")
     print(f"libmf_final_rmse: {lm['final_rmse']:.4f}")
-    print(f"mf_vs_libmf_time_to_rmse_ratio: {mf_hit / lm['seconds_to_target']:.3f}")
+    for k, hit in hits.items():
+        sfx = "" if k == 1 else f"_spc{k}"
+        print(f"mf_vs_libmf_time_to_rmse_ratio{sfx}: {hit / lm['seconds_to_target']:.3f}")
 
 
 # ---------------------------------------------------------------------- --sequential
