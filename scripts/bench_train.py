@@ -176,8 +176,6 @@ def mf_time_to_rmse(cfg, task, target: float, steps_per_call: int = 1
     :func:`jaxreco.train.step.make_multi_step` (one ``lax.scan`` per K steps; an epoch's
     last ``steps mod K`` one by one), so the updates are the trainer's, with fewer
     dispatches. ``jaxreco-train`` itself still dispatches every step (K = 1)."""
-    import jax.numpy as jnp
-
     from jaxreco.distributed import process_batch_shard
     from jaxreco.train import setup
     from jaxreco.train.step import make_multi_step, make_train_step
@@ -201,7 +199,10 @@ def mf_time_to_rmse(cfg, task, target: float, steps_per_call: int = 1
         while step < end:
             if multi is not None and end - step >= steps_per_call:
                 batches = [next_batch(step + j) for j in range(steps_per_call)]
-                state, _ = multi(state, jax.tree.map(lambda *x: jnp.stack(x), *batches))
+                # stacked on the host: one transfer per column (jnp.stack of device
+                # arrays would dispatch K + 1 ops per column)
+                state, _ = multi(state, {k: np.stack([np.asarray(b[k]) for b in batches])
+                                         for k in batches[0]})
                 step += steps_per_call
             else:
                 state, _ = step_fn(state, next_batch(step))
