@@ -18,7 +18,7 @@ from jaxreco.embedding import ShardedTables
 from jaxreco.models.mf import MF
 from jaxreco.sharding import batch_sharding, make_mesh
 from jaxreco.train.state import create_state, table_axes
-from jaxreco.train.step import make_train_step
+from jaxreco.train.step import make_multi_step, make_train_step
 
 GOLDEN = Path(__file__).parent / "golden" / "state_shardings.json"
 USERS, ITEMS, DIM, BATCH = 256, 128, 8, 64
@@ -46,10 +46,10 @@ def _setup(axes, rules, optimizer="lazy_adam", **table_kw):
         return losses.mse_frobenius(pred, batch["rating"], rows,
                                     embedding_tables=MF.embedding_tables, reg=0.01), {}
 
-    step = jax.jit(make_train_step(graphdef, tables, loss_fn, tx),
-                   in_shardings=(shardings, batch_sharding(mesh, rules)),
+    raw = make_train_step(graphdef, tables, loss_fn, tx)
+    step = jax.jit(raw, in_shardings=(shardings, batch_sharding(mesh, rules)),
                    out_shardings=(shardings, None), donate_argnums=0)
-    step.tables = tables
+    step.tables, step.raw, step.shardings = tables, raw, shardings
     return mesh, state, step
 
 
@@ -68,6 +68,26 @@ def _train(preset, optimizer="lazy_adam"):
         state, m = step(state, b)
         jax.block_until_ready(state)      # bounded in-flight collectives on CPU
     return mesh, state
+
+
+@pytest.mark.parametrize("preset", ["single", "dp_mp"])
+def test_multi_step_scan_gives_the_parameters_of_one_call_per_step(preset):
+    axes, rules = _preset(preset)
+    _, want = _train((axes, rules))
+    mesh, state, step = _setup(axes, rules)
+    stacked_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh, rules).spec))
+    multi = jax.jit(make_multi_step(step.raw), in_shardings=(step.shardings, stacked_sharding),
+                    out_shardings=(step.shardings, None), donate_argnums=0)
+    batches = _batches()
+    for i in range(0, len(batches), 4):
+        group = {k: np.stack([b[k] for b in batches[i:i + 4]]) for k in batches[0]}
+        state, m = multi(state, group)
+        jax.block_until_ready(state)
+    assert m["loss"].shape == (4,) and int(state.step) == len(batches)
+    got, ref = _params(state), _params(want)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def _params(state):
