@@ -168,4 +168,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxreco.runtime import configure_xla
+    configure_xla()   # before JAX starts (jaxreco/runtime.py: XLA:CPU's scheduler can wedge solves)
     sys.exit(main())

@@ -149,4 +149,6 @@ def _concat(a: cp.Baskets, b: cp.Baskets):
 
 
 if __name__ == "__main__":
+    from jaxreco.runtime import configure_xla
+    configure_xla()   # before JAX starts (jaxreco/runtime.py: XLA:CPU's scheduler can wedge solves)
     sys.exit(main())

@@ -21,10 +21,11 @@ from hydra import compose, initialize_config_dir
 
 from jaxreco import config as config_lib
 from jaxreco.federated.simulate import simulate
-from jaxreco.runtime import conf_dir
+from jaxreco.runtime import conf_dir, configure_xla
 
 
 def main() -> None:
+    configure_xla()   # before JAX starts: the central iALS reference wedged without it
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=4)

@@ -108,4 +108,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from jaxreco.runtime import configure_xla
+    configure_xla()   # before JAX starts (jaxreco/runtime.py: XLA:CPU's scheduler can wedge solves)
     main()
