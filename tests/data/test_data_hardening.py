@@ -203,6 +203,10 @@ def test_sigkilled_prepare_leaves_temp_dirs_that_the_next_run_removes(tmp_path):
 
 
 def test_temp_dirs_of_a_live_concurrent_prepare_survive_another_run(tmp_path):
+    """Another output beside a live prepare runs to the end and leaves the live one's
+    staging and scratch dirs alone; a prepare of the SAME output waits for the live one's
+    lock instead, and once the live one dies it cleans up after it and prepares."""
+    import threading
     cfg = {"dataset": _dataset(tmp_path),
            "prepare": {"output_dir": str(tmp_path / "out"), "progress": False,
                        "negatives": {"num": 2}}}
@@ -210,12 +214,23 @@ def test_temp_dirs_of_a_live_concurrent_prepare_survive_another_run(tmp_path):
     try:
         theirs = _leftovers(tmp_path)
         assert len(theirs) == 2, theirs
-        prepare(cfg)                               # runs to the end beside the live one
+        other = {**cfg, "prepare": {**cfg["prepare"], "output_dir": str(tmp_path / "out2")}}
+        prepare(other)                             # runs to the end beside the live one
         assert _leftovers(tmp_path) == theirs
         assert all(os.listdir(tmp_path / n) for n in theirs)
+        done = []
+        same = threading.Thread(target=lambda: done.append(prepare(cfg)), daemon=True)
+        same.start()
+        same.join(timeout=2.0)
+        assert same.is_alive() and not done        # waiting for the live one's lock
+        assert _leftovers(tmp_path) == theirs
     finally:
         p.kill()
         p.wait(timeout=30)
+    same.join(timeout=60)                          # the lock died with its holder
+    assert done and not done[0].get("noop")
+    assert _leftovers(tmp_path) == []
+    assert storage.read_metadata(str(tmp_path / "out"))["num_users"] == 7
 
 
 def _marked(path: Path, **owner) -> Path:
