@@ -76,19 +76,27 @@ class Coupon:
         return self.valid_from <= now < self.valid_until
 
 
-def _time(v: Any, where: str) -> float:
+def parse_time(v: Any) -> float | None:
+    """Unix seconds of ``v``: finite unix seconds, or an ISO 8601 string with a zone
+    (``2026-03-01T00:00:00Z``); None for anything else (a bool, a time without a zone)."""
     if isinstance(v, bool):
-        raise CatalogueError(f"{where}: expected an ISO 8601 time with a zone or unix seconds; "
-                             f"got {v!r}")
-    if isinstance(v, (int, float)) and math.isfinite(v):
-        return float(v)
+        return None
+    if isinstance(v, (int, float)):
+        return float(v) if math.isfinite(v) else None
     if isinstance(v, str):
         try:
             t = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
         except ValueError:
-            t = None
-        if t is not None and t.tzinfo is not None:
-            return t.timestamp()
+            return None
+        return t.timestamp() if t.tzinfo is not None else None
+    return None
+
+
+def _time(v: Any, where: str) -> float:
+    t = parse_time(v)
+    if t is not None:
+        return t
+    if isinstance(v, str):
         raise CatalogueError(f"{where}={v!r}: not an ISO 8601 time with a zone "
                              "(e.g. 2026-03-01T00:00:00Z)")
     raise CatalogueError(f"{where}: expected an ISO 8601 time with a zone or unix seconds; "

@@ -71,6 +71,7 @@ from flax import nnx
 from jaxreco import models, optim
 from jaxreco.embedding import ShardedTables
 from jaxreco.privacy import accounting, dp_ials
+from jaxreco.train import step as step_lib
 
 log = logging.getLogger("jaxreco")
 
@@ -350,13 +351,7 @@ def make_dp_step(graphdef, tables: ShardedTables, loss_fn, dense_tx: optax.Gradi
             g = priv[t].reshape(-1, priv[t].shape[-1])
             new_values[t], new_slots[t] = row_opt.update(values[t], state.table_opt[t],
                                                          flat_users, g, state.step)
-        updates, dense_opt = dense_tx.update(g_dense, state.dense_opt, state.dense)
-        dense = optax.apply_updates(state.dense, updates)
-        tables_state = jax.tree.map(lambda v: v, state.tables)
-        for t, v in new_values.items():
-            tables_state[t] = state.tables[t].replace(v)
-        new_state = state.replace(step=state.step + 1, tables=tables_state, dense=dense,
-                                  table_opt=new_slots, dense_opt=dense_opt)
+        new_state = step_lib.apply_updates(state, new_values, new_slots, g_dense, dense_tx)
         return new_state, {"loss": loss_sum / jnp.maximum(count, 1).astype(jnp.float32)}
 
     return step

@@ -47,7 +47,6 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -59,7 +58,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
-from jaxreco.promotions import Catalogue, CatalogueWatcher, Coupon
+from jaxreco.promotions import Catalogue, CatalogueWatcher, Coupon, parse_time
 from jaxreco.scenarios import coupons as coupons_lib
 from jaxreco.serve import layout
 
@@ -363,15 +362,9 @@ class OffersService:
 def _now(v) -> float:
     if v is None:
         return time.time()
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            t = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
-        except ValueError:
-            t = None
-        if t is not None and t.tzinfo is not None:
-            return t.timestamp()
+    t = parse_time(v)
+    if t is not None:
+        return t
     raise HTTPException(400, f"now={v!r:.100}: expected an ISO 8601 time with a zone "
                              "(2026-03-10T12:00:00Z) or unix seconds")
 

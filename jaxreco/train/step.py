@@ -27,6 +27,19 @@ from jaxreco.train.state import TrainState
 LossFn = Callable[[nnx.Module, Mapping, Mapping], tuple[jax.Array, dict[str, jax.Array]]]
 
 
+def apply_updates(state: TrainState, new_values: Mapping[str, jax.Array],
+                  new_slots, g_dense, dense_tx: optax.GradientTransformation) -> TrainState:
+    """The next state: the tables' new values and optimizer slots, optax on the dense
+    parameters, the step counter advanced (the tail every train step shares)."""
+    updates, dense_opt = dense_tx.update(g_dense, state.dense_opt, state.dense)
+    dense = optax.apply_updates(state.dense, updates)
+    tables_state = jax.tree.map(lambda v: v, state.tables)
+    for t, v in new_values.items():
+        tables_state[t] = state.tables[t].replace(v)
+    return state.replace(step=state.step + 1, tables=tables_state, dense=dense,
+                         table_opt=new_slots, dense_opt=dense_opt)
+
+
 def make_train_step(graphdef, tables: ShardedTables, loss_fn: LossFn,
                     dense_tx: optax.GradientTransformation):
     """Builds the (un-jitted) train step. ``loss_fn(model, rows, batch) -> (loss, aux)``."""
@@ -43,14 +56,7 @@ def make_train_step(graphdef, tables: ShardedTables, loss_fn: LossFn,
             objective, argnums=(0, 1), has_aux=True)(rows, state.dense)
         new_values, new_slots = tables.update(values, state.table_opt, batch, g_rows, state.step,
                                               plans)
-        updates, dense_opt = dense_tx.update(g_dense, state.dense_opt, state.dense)
-        dense = optax.apply_updates(state.dense, updates)
-        tables_state = jax.tree.map(lambda v: v, state.tables)
-        for t, v in new_values.items():
-            tables_state[t] = state.tables[t].replace(v)
-        new_state = state.replace(step=state.step + 1, tables=tables_state, dense=dense,
-                                  table_opt=new_slots, dense_opt=dense_opt)
-        return new_state, {"loss": loss, **aux}
+        return apply_updates(state, new_values, new_slots, g_dense, dense_tx), {"loss": loss, **aux}
 
     return train_step
 
