@@ -261,6 +261,7 @@ def prepare(cfg: Any) -> dict[str, Any]:
 
     scratch_parent = prep["temp_dir"] or (os.path.dirname(os.path.abspath(out))
                                          if storage.is_local(out) else None)
+    _remove_stale_temp_dirs(out, scratch_parent)
     src = open_source(ds, on_bad_rows=prep["on_bad_rows"])
     key = config_key(ds, prep, src.fingerprint)
     up_to_date = _up_to_date(out, key)
@@ -273,7 +274,7 @@ def prepare(cfg: Any) -> dict[str, Any]:
         up_to_date = _up_to_date(out, key)
         if up_to_date is not None:
             return up_to_date
-        _remove_stale_temp_dirs(out, scratch_parent)
+        _remove_stale_temp_dirs(out, scratch_parent)   # again: a holder we waited for died
         return _prepare_locked(src, ds, prep, out, key, scratch_parent, progress, t_start)
 
 
