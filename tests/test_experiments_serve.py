@@ -19,14 +19,17 @@ from tests.conftest import write_ratings_dat, write_u_data  # noqa: E402
 from tests.support import ROOT, train  # noqa: E402
 from tests.test_export_run import _obd_wheel  # noqa: E402
 
-# Experiments whose export path another experiment of the default run already takes
-# (sequential: ml1m_sasrec; iALS/dot fold-in: ml1m_ncf_mf*; CTR: zozotown_ctr) run in the
-# slow job (`pytest -m slow`), keeping the default run within its time budget.
+# Experiments whose export path another default-run test already takes run in the slow job
+# (`pytest -m slow`), keeping the default run within its time budget: rating MF
+# (ml100k_mf here), NeuMF (ml1m_ncf_neumf here; its GMF and MLP halves and every combiner in
+# tests/test_export_models.py), iALS/dot fold-in and CTR (tests/test_export_run.py),
+# sequential (tests/test_export_sequential.py, tests/test_explain_sequential.py).
 SLOW = {"synthetic_session_sasrec", "instacart_sasrec", "ask_instacart", "dp_ials",
         "federated_ials", "ask_ml1m",
         "instacart_complement", "ml1m_ncf_neumf_pretrained", "ml1m_ncf_mf_rendle",
         "ml1m_ncf_mf_lazy_adam", "zozotown_ope", "synthetic_ctr", "ab_simulated", "ml1m_mf_dp",
-        "synthetic_coupons"}
+        "synthetic_coupons", "zozotown_ctr", "ml1m_ncf_mlp", "ml1m_ncf_gmf", "ml1m_ncf_mf",
+        "ml1m_ncf_mf_uniform", "ml1m_mf", "ml1m_sasrec"}
 EXPERIMENTS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
                for n in sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))]
 SMALL = ["trainer.epochs=1", "trainer.batch_size=64", "trainer.progress_bar=false",

@@ -141,6 +141,7 @@ def test_implicit_dot_product_run_exports_and_matches_the_trainers_ranking(tmp_p
     assert seen and not seen & set(r["items"].numpy()[0].astype(str))
 
 
+@pytest.mark.slow  # ~25 s: three trainings; ml1m_ncf_neumf exports in the default run
 def test_gmf_mlp_and_neumf_runs_export_and_reproduce_the_trainers_hr_at_10(tmp_path, ml_groups,
                                                                           monkeypatch):
     """Three combiners trained in one sweep process; each export's ``score`` gives the

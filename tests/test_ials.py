@@ -291,6 +291,15 @@ def test_trainer_fits_resumes_and_refuses_other_models(tmp_path, ml_dir):  # noq
     det = lambda m: {k: v for k, v in m.items() if not k.startswith("perf/")}  # noqa: E731
     _train(tmp_path, ml_dir, "trainer.max_steps=2", run="c")
     assert det(_train(tmp_path, ml_dir, run="c")) == det(a)
+    err = _train(tmp_path, ml_dir, "optimizer.cg_steps=0", run="z", ok=False)
+    assert "optimizer.cg_steps" in err, err[-2000:]
+    err = _train(tmp_path, ml_dir, "model.combiner=mlp", run="m", ok=False)
+    assert "model.combiner='mlp'" in err and "optimizer=ials" in err
+
+
+@pytest.mark.slow  # ~15 s: three CLI trainings; bias, recency and CG are checked in-process above
+def test_trainer_with_bias_recency_and_cg_fits(tmp_path, ml_dir):  # noqa: F811
+    a = _train(tmp_path, ml_dir, run="a")
     b = _train(tmp_path, ml_dir, "model.bias=true", run="b")       # + item bias
     assert b["test/hr@5"] > 0.6 and b["train/loss"] != a["train/loss"], b
     r = _train(tmp_path, ml_dir, "optimizer.recency_weight=3", run="r")   # recency weights
@@ -299,10 +308,6 @@ def test_trainer_fits_resumes_and_refuses_other_models(tmp_path, ml_dir):  # noq
     assert g["train/steps"] == 4 and g["test/hr@5"] > 0.6, g       # conjugate gradients
     assert g["train/loss"] == pytest.approx(a["train/loss"], rel=0.05), (g, a)
     assert g["train/loss"] != a["train/loss"]
-    err = _train(tmp_path, ml_dir, "optimizer.cg_steps=0", run="z", ok=False)
-    assert "optimizer.cg_steps" in err, err[-2000:]
-    err = _train(tmp_path, ml_dir, "model.combiner=mlp", run="m", ok=False)
-    assert "model.combiner='mlp'" in err and "optimizer=ials" in err
 
 
 def test_data_without_timestamps_trains_but_refuses_recency_weights(tmp_path):
@@ -330,6 +335,7 @@ def test_data_without_timestamps_trains_but_refuses_recency_weights(tmp_path):
     assert "'from-files' has no timestamp column" in p.stderr
 
 
+@pytest.mark.slow  # ~12 s; row-sharded iALS = single device in test_row_sharded_tables_give_the_same_model
 def test_two_processes_with_row_sharded_tables_match_one(tmp_path, ml_dir):  # noqa: F811
     import os
     import subprocess

@@ -70,7 +70,7 @@ def _train(preset, optimizer="lazy_adam"):
     return mesh, state
 
 
-@pytest.mark.parametrize("preset", ["single", "dp_mp"])
+@pytest.mark.parametrize("preset", ["single", pytest.param("dp_mp", marks=pytest.mark.slow)])
 def test_multi_step_scan_gives_the_parameters_of_one_call_per_step(preset):
     axes, rules = _preset(preset)
     _, want = _train((axes, rules))

@@ -47,6 +47,7 @@ def test_train_smoke_loss_falls_and_writes_run_dir(tmp_path, ml_dir):
     assert any((out / "checkpoints").iterdir())
 
 
+@pytest.mark.slow  # ~16 s; resume is exact in tests/test_resume.py (default run)
 def test_rerun_is_deterministic_and_resume_continues(tmp_path, ml_dir):
     p1, a = _train(tmp_path, ml_dir, run="a")
     p2, b = _train(tmp_path, ml_dir, run="b")
