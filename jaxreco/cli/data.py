@@ -32,7 +32,7 @@ def _list() -> None:
     print(f"{'dataset':<24} {'cached':<7} config")
     for name in sorted(registry.SOURCES):
         cached = (any((root / "prepared").glob(f"{name}-*.npz"))
-                  or any((root / "prepared-datasets").glob(f"{name}*")))
+                  or any(p.is_dir() for p in (root / "prepared-datasets").glob(f"{name}*")))
         cfg = CONF_DIR / "dataset" / f"{name}.yaml"
         print(f"{name:<24} {'yes' if cached else 'no':<7} {cfg if cfg.exists() else '-'}")
 
