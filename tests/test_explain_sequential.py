@@ -13,14 +13,10 @@ from flax import nnx
 
 tf = pytest.importorskip("tensorflow", reason="export tests need the [export] extra (tensorflow-cpu)")
 
-from jaxreco import export as ex  # noqa: E402
-from jaxreco import export_models  # noqa: E402
-from jaxreco.models.layers import Table  # noqa: E402
 from jaxreco.models.sequential import Sequential  # noqa: E402
 from jaxreco.serve import layout  # noqa: E402
-from jaxreco.train.tasks.next_item import Sequences  # noqa: E402
 from tests import test_export_support as S  # noqa: E402
-from tests.test_export_sequential import EVENTS, ITEMS, USERS, L, _data  # noqa: E402
+from tests.test_export_sequential import EVENTS, ITEMS, L, export_sequential  # noqa: E402
 
 
 def _model(num_blocks=2, seed=0):
@@ -59,25 +55,8 @@ def test_attention_is_a_distribution_over_the_items_and_rollout_of_one_block_is_
 
 
 def _export(tmp_path):
-    model = _model()
-    graphdef, tables, dense = nnx.split(model, Table, ...)
-    user, item, ts, ev = _data()
-    seq = Sequences(user, item, USERS, ts, ev)
-    hist = ex.history_csr(seq, user, ts, L)
-    it, e, g = seq.latest(L)
-    fns = export_models.sequential_functions(
-        graphdef, tables, dense, num_users=USERS, num_items=ITEMS,
-        user_seq={"seq_item": it, "seq_event": e, "seq_gap": g}, use_events=True, use_gaps=True)
-    f = fns.functions
-    path = ex.export_saved_model(
-        tmp_path / "models", 1, params=f.params, score_fn=f.score_fn,
-        user_item_scores_fn=f.user_item_scores_fn, item_vectors_fn=f.item_vectors_fn,
-        user_vocab=[f"u{u}" for u in range(USERS)], item_vocab=[f"i{i}" for i in range(ITEMS)],
-        seen=ex.seen_csr(user, item, USERS), verify=False, session=ex.SessionModel(
-            "sequential", encode_fn=fns.encode_fn, item_vectors=fns.item_vectors, max_len=L,
-            event_vocab=EVENTS, history=hist, use_gaps=True, attention_fn=fns.attention_fn,
-            user_attention_fn=fns.user_attention_fn))
-    return path, fns, hist, (it, e, g)
+    path, fns, hist, _, user_seq = export_sequential(tmp_path, _model(), attention=True)
+    return path, fns, hist, user_seq
 
 
 # (user, [(item, event, ts)]): a known user with a session, an anonymous session, a known

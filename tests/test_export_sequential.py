@@ -101,9 +101,10 @@ def _reference(fns, hist, seen, users, items, events, ts):
     return out, np.asarray(has)
 
 
-def test_sequential_session_scores_match_jax_on_1000_sessions_without_jax(tmp_path):
-    model = Sequential(ITEMS, 128, max_len=L, dim=16, num_blocks=2, num_heads=2, dropout=0.2,
-                       num_events=5, use_gaps=True, init_std=0.3, rngs=nnx.Rngs(0))
+def export_sequential(tmp_path, model, attention: bool = False):
+    """Exports ``model`` on :func:`_data` (version 1 under ``tmp_path/models``); returns
+    ``(path, fns, hist, seen, (seq_item, seq_event, seq_gap))``. ``attention``: with the
+    ``session_attention`` signature."""
     graphdef, tables, dense = nnx.split(model, Table, ...)
     user, item, ts, ev = _data()
     seq = Sequences(user, item, USERS, ts, ev)
@@ -114,13 +115,22 @@ def test_sequential_session_scores_match_jax_on_1000_sessions_without_jax(tmp_pa
         user_seq={"seq_item": it, "seq_event": e, "seq_gap": g}, use_events=True, use_gaps=True)
     seen = ex.seen_csr(user, item, USERS)
     f = fns.functions
+    extra = ({"attention_fn": fns.attention_fn, "user_attention_fn": fns.user_attention_fn}
+             if attention else {})
     path = ex.export_saved_model(
         tmp_path / "models", 1, params=f.params, score_fn=f.score_fn,
         user_item_scores_fn=f.user_item_scores_fn, item_vectors_fn=f.item_vectors_fn,
         user_vocab=[f"u{u}" for u in range(USERS)], item_vocab=[f"i{i}" for i in range(ITEMS)],
         seen=seen, verify=False, session=ex.SessionModel(
             "sequential", encode_fn=fns.encode_fn, item_vectors=fns.item_vectors, max_len=L,
-            event_vocab=EVENTS, history=hist, use_gaps=True))
+            event_vocab=EVENTS, history=hist, use_gaps=True, **extra))
+    return path, fns, hist, seen, (it, e, g)
+
+
+def test_sequential_session_scores_match_jax_on_1000_sessions_without_jax(tmp_path):
+    model = Sequential(ITEMS, 128, max_len=L, dim=16, num_blocks=2, num_heads=2, dropout=0.2,
+                       num_events=5, use_gaps=True, init_std=0.3, rngs=nnx.Rngs(0))
+    path, fns, hist, seen, _ = export_sequential(tmp_path, model)
     meta = json.loads((path / "assets.extra" / layout.METADATA_FILE).read_text())
     assert meta["session"] == {"mode": "sequential", "event_vocab": EVENTS, "max_len": L,
                                "use_gaps": True}
@@ -142,6 +152,7 @@ def test_sequential_session_scores_match_jax_on_1000_sessions_without_jax(tmp_pa
     # the session changes the answer: the encoder saw it (not just the exclusions)
     r = int(np.flatnonzero(has & np.char.startswith(users, "u"))[0])
     uid = int(users[r][1:])
+    f = fns.functions
     base = np.asarray(jax.jit(f.user_item_scores_fn)(f.params, np.asarray([uid], np.int32)))[0]
     ok = want[r] > -1e30
     assert np.abs(want[r][ok] - base[ok]).max() > 1e-3
