@@ -484,6 +484,9 @@ class TrainerConfig:
     async_checkpoint: bool = True
     progress_bar: bool = True
     max_steps: Optional[int] = None  # stop early after this many steps (smoke tests)
+    # gradient optimizers: K train steps per jitted call (one lax.scan over K batches; the
+    # same updates as K calls). Groups end at log, checkpoint and epoch boundaries.
+    steps_per_call: int = 1
     # [first, last): trace these train steps with jax.profiler into <run>/tb/plugins/profile
     # (TensorBoard's profile tab); null: no trace
     profile_steps: Optional[list[int]] = None
@@ -637,6 +640,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "trainer.log_every_steps": POSITIVE_INT,
     "trainer.patience": COUNT,
     "trainer.max_steps": Range(lo=1, integer=True, nullable=True),
+    "trainer.steps_per_call": POSITIVE_INT,
     "trainer.keep_checkpoints": POSITIVE_INT,
     "trainer.checkpoint_every_steps": COUNT,
     "trainer.profile_steps[]": COUNT,
@@ -814,6 +818,14 @@ def validate(cfg: Any) -> None:
             raise ValueError(f"privacy=dp: give exactly one of privacy.epsilon (got "
                              f"{_plain(priv['epsilon'])}) and privacy.noise_multiplier (got "
                              f"{_plain(priv['noise_multiplier'])})")
+    spc = _get(cfg, "trainer.steps_per_call")
+    if spc not in (_ABSENT, 1):
+        if opt["name"] == TableOptimizer.ials:
+            raise ValueError(f"trainer.steps_per_call={spc} with optimizer=ials: an iALS step "
+                             "is a whole epoch already; set trainer.steps_per_call=1")
+        if priv is not _ABSENT and priv["name"] == PrivacyKind.dp:
+            raise ValueError(f"trainer.steps_per_call={spc} with privacy=dp: DP-SGD has its "
+                             "own step (sampled users); set trainer.steps_per_call=1")
     steps = _get(cfg, "trainer.profile_steps")
     if steps not in (_ABSENT, None):
         steps = list(steps)
