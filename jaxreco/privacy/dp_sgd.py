@@ -45,6 +45,25 @@ and of :mod:`jaxreco.privacy.dp_ials`. Noising the user rows too
 would add ``N(0, σ²C²)`` to each of ``num_users × dim`` coordinates per step for nothing a
 billboard release needs.
 
+**The sequential model** (``model=sequential``, ``task.kind=next_item``). A user's
+examples are windows of their own train sequence, not rows, so step 2 differs: each sampled
+user contributes **one window per step**, the task's own (``task.next_item.crop``: the
+latest ``L + 1`` train items, or a window ending at a uniformly drawn position), built on
+the host for the sampled users only by the task's ``transform``; of its ``L`` targets only
+the latest ``k' = min(L, max_examples_per_user)`` count (the earlier positions stay inputs).
+So a sampled user adds the gradient of ``L_u = (1/n_u) Σ_{t} ℓ_t`` over ``n_u ≤ k'`` targets
+of one window. That gradient reaches every parameter the window touches: the item-table
+rows of its inputs, of its targets and of the softmax candidates (the table is both the
+input embedding and the output layer: all three sum into one row gradient before the
+norm), the position embeddings and every attention/FFN/LayerNorm parameter; all of it is
+the shared part, clipped jointly to ``C`` (step 4) and noised on every row and parameter
+(step 5). There is no private user table: the user's representation is the encoder run on
+their own latest items at recommendation time (joint DP, as for user rows above). The
+crop positions, the dropout seeds and the sampled softmax candidates come from
+``default_rng([seed, step, 0])``, public randomness independent of the data; the
+candidates are drawn from the uniform proposal (``task.sampler=uniform``) or are every item
+(``loss=full``): a popularity proposal is computed from the training counts and is refused.
+
 Steps compose adaptively: ε from dp-accounting over
 ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(σ)), steps)``
 (:mod:`jaxreco.privacy.accounting`). Noise is drawn from ``fold_in(fold_in(key, step), leaf)``.
@@ -77,7 +96,10 @@ log = logging.getLogger("jaxreco")
 
 # Tasks whose loss is a mean of per-example terms and whose batch transform is a fixed
 # function of the rows (no per-step sampling): a user's loss is then the sum over their rows.
-TASKS = ("rating", "ctr")
+ROW_TASKS = ("rating", "ctr")
+# Tasks whose examples are drawn per step from each sampled user's sequence (one window).
+WINDOW_TASKS = ("next_item",)
+TASKS = ROW_TASKS + WINDOW_TASKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +224,10 @@ def private_tables(table_features: Mapping[str, tuple[str, ...]]) -> tuple[str, 
 def public_model_fn(cfg, task) -> Callable[[], nnx.Module]:
     """``task``'s model with data-independent initial biases: the rating head/global bias at
     the midpoint of ``dataset.rating_range`` (0 without one), click heads at logit 0 (the
-    non-private tasks start them at training statistics, which no mechanism covers)."""
+    non-private tasks start them at training statistics, which no mechanism covers). The
+    sequential model has no data-dependent initial value: the task's own."""
+    if task.kind in WINDOW_TASKS:
+        return task.model_fn()
     lo, hi = cfg.dataset.get("rating_range", None) or (None, None)
     mid = 0.5 * (float(lo) + float(hi)) if lo is not None and hi is not None else 0.0
     heads = list(cfg.model.get("heads", None) or [])
@@ -217,9 +242,20 @@ def check(cfg, task, mesh) -> None:
     if task.kind not in TASKS:
         raise ValueError(
             f"privacy=dp with optimizer={cfg.optimizer.name}: task.kind={task.kind!r} is not "
-            f"supported by DP-SGD (supported: {list(TASKS)}); implicit and next_item draw "
-            "negatives / sequence windows per step, which the per-user examples do not hold "
-            "yet. For implicit feedback use DP iALS: optimizer=ials (experiment=dp_ials)")
+            f"supported by DP-SGD (supported: {list(TASKS)}); implicit feedback draws "
+            "negatives per example from the user's own rows, which the per-user examples do "
+            "not hold yet. For implicit feedback use DP iALS: optimizer=ials "
+            "(experiment=dp_ials)")
+    if task.kind in WINDOW_TASKS:
+        ni = cfg.task.next_item
+        loss = str(getattr(ni.loss, "value", ni.loss))
+        sampler = str(getattr(cfg.task.sampler, "value", cfg.task.sampler))
+        if loss == "sampled" and sampler != "uniform":
+            raise ValueError(
+                f"privacy=dp with task.next_item.loss=sampled: task.sampler={sampler!r} draws "
+                "the softmax candidates from the training item counts, which the mechanism "
+                "does not cover; use task.sampler=uniform (public randomness) or "
+                "task.next_item.loss=full")
     if mesh.devices.size > 1 or jax.process_count() > 1:
         raise ValueError(f"privacy=dp (DP-SGD) runs on one device: mesh.axes="
                          f"{dict(cfg.mesh.axes)} gives {mesh.devices.size} devices and "
@@ -293,19 +329,93 @@ def make_functions(graphdef, tables: ShardedTables, loss_fn, plan_: Plan,
     return user_gradients, clip
 
 
+def window_batch(task, users: np.ndarray, step: int, k: int):
+    """``(shared, xs)``: the examples of a window task (``next_item``) for the sampled
+    ``users`` ``[chunks, chunk]`` (padding ``num_users``): one window per user from the
+    task's own ``transform`` at ``step`` (crop, dropout seeds and candidates from
+    ``default_rng([seed, step, 0])``), each feature ``[chunks, chunk, n]`` in ``xs`` (with
+    ``user``); only the latest ``k`` of the ``L`` targets of a window kept (earlier targets
+    set to -1; inputs unchanged); padding users have no input and no target. ``shared``:
+    the step's shared softmax candidates ``cand_item [C]``."""
+    users = np.asarray(users)
+    flat = users.reshape(-1)
+    real = flat < task.num_users
+    b = task.transform({"user": np.where(real, flat, 0).astype(np.int32)}, int(step), 0)
+    L = int(task.max_len)
+    xs = {"user": flat.astype(np.int32)}
+    for c, v in b.items():
+        if c not in ("user", "cand_item"):
+            xs[c] = np.array(v).reshape(len(flat), -1)
+    xs["item"][~real] = -1
+    xs["seq_item"][~real] = -1
+    if k < L:
+        xs["item"][:, :L - k] = -1
+    xs = {c: v.reshape(users.shape + v.shape[1:]) for c, v in xs.items()}
+    return {"cand_item": np.asarray(b["cand_item"])}, xs
+
+
+def make_window_gradients(graphdef, tables: ShardedTables, loss_fn,
+                          table_rows: Mapping[str, int]):
+    """``user_gradients(state, shared, xs) -> (g_rows, g_dense, ex, loss_sum, count)`` of a
+    window task, as :func:`make_functions`' for per-user rows: ``xs`` one chunk of
+    :func:`window_batch` (``[B, n]`` per user and feature), ``shared`` the step's shared
+    features (``cand_item [C]``, every user's rows of them broadcast, so that each user's
+    gradient on the candidate rows is their own). The per-user loss is the task's loss on
+    that user's window alone: the mean over its valid targets. ``ex``: each feature's ids
+    ``[B, n]`` with padding (negative ids) moved to the table's row count, which the clip
+    and the scatter ignore; ``count``: the valid targets (``item >= 0``)."""
+    feat_rows = {f: int(table_rows[t]) for t, fs in tables.table_features.items() for f in fs}
+
+    def user_gradients(state, shared, xs):
+        values = state.table_values()
+        b = xs["user"].shape[0]
+        per_user = {c: v for c, v in xs.items() if c != "user"}
+        looked = tables.lookup(values, {**{c: v.reshape(-1) for c, v in per_user.items()
+                                           if c in feat_rows}, **shared})
+        rows = {t: {f: (r.reshape(b, -1, r.shape[-1]) if f in per_user
+                        else jnp.broadcast_to(r[None], (b,) + r.shape))
+                    for f, r in fr.items()} for t, fr in looked.items()}
+
+        def one_user(rows_u, batch_u, dense):
+            def objective(rows_u, dense):
+                model = nnx.merge(graphdef, state.tables, dense)
+                loss, _ = loss_fn(model, rows_u, {**batch_u, **shared})
+                n = jnp.sum(batch_u["item"] >= 0).astype(loss.dtype)
+                return loss, loss * n
+            (g_rows, g_dense), total = jax.grad(objective, argnums=(0, 1), has_aux=True)(
+                rows_u, dense)
+            return g_rows, g_dense, total
+
+        g_rows, g_dense, totals = jax.vmap(one_user, in_axes=(0, 0, None))(
+            rows, per_user, state.dense)
+        ex = {}
+        for f, n in feat_rows.items():
+            ids = per_user[f] if f in per_user else jnp.broadcast_to(shared[f][None],
+                                                                     (b,) + shared[f].shape)
+            ex[f] = jnp.where(ids >= 0, ids, n)
+        return g_rows, g_dense, ex, jnp.sum(totals), jnp.sum(per_user["item"] >= 0)
+
+    return user_gradients
+
+
 def make_dp_step(graphdef, tables: ShardedTables, loss_fn, dense_tx: optax.GradientTransformation,
-                 plan_: Plan, table_rows: Mapping[str, int]):
-    """``step(state, data, users) -> (state, {"loss": mean per-example loss})``: one DP-SGD
-    step (module docstring) over the sampled ``users`` (``[chunks, chunk]``, padding
-    ``num_users``) whose examples are in ``data``."""
+                 plan_: Plan, table_rows: Mapping[str, int], user_gradients=None):
+    """``step(state, data, xs) -> (state, {"loss": mean per-example loss})``: one DP-SGD
+    step (module docstring) over the sampled users in ``xs``, scanned over its leading
+    ``chunks`` axis: ``users [chunks, chunk]`` (padding ``num_users``) whose examples are in
+    ``data`` (:func:`user_blocks`), or, with ``user_gradients`` from
+    :func:`make_window_gradients`, the ``xs`` of :func:`window_batch` and its ``shared``
+    features as ``data``."""
     tf = tables.table_features
     private = private_tables(tf)
     row_opt = tables.row_opt
-    user_gradients, clip = make_functions(graphdef, tables, loss_fn, plan_, table_rows)
+    row_gradients, clip = make_functions(graphdef, tables, loss_fn, plan_, table_rows)
+    user_gradients = user_gradients or row_gradients
     key0 = jax.random.key(plan_.seed)
 
-    def step(state, data, users):
+    def step(state, data, xs):
         values = state.table_values()
+        users = xs["user"] if isinstance(xs, Mapping) else xs
 
         def chunk(carry, u):
             shared, dense_sum, loss_sum, count = carry
@@ -327,7 +437,7 @@ def make_dp_step(graphdef, tables: ShardedTables, loss_fn, dense_tx: optax.Gradi
 
         init = ({t: jnp.zeros_like(values[t]) for t in tf if t not in private},
                 jax.tree.map(jnp.zeros_like, state.dense), jnp.float32(0), jnp.int32(0))
-        (shared, dense_sum, loss_sum, count), priv = jax.lax.scan(chunk, init, users)
+        (shared, dense_sum, loss_sum, count), priv = jax.lax.scan(chunk, init, xs)
 
         key = jax.random.fold_in(key0, state.step)
         denom = plan_.expected_users
@@ -363,6 +473,8 @@ def build(cfg, task, ms, mesh):
     :class:`jaxreco.train.setup.ModelState`)."""
     check(cfg, task, mesh)
     pl = plan(cfg.privacy, num_users=task.num_users, steps=ms.total_steps, seed=int(cfg.seed))
+    if task.kind in WINDOW_TASKS:
+        return _build_windows(cfg, task, ms, pl)
     cols = task.transform(dict(task.train_cols), 0, 0)
     blocks = user_blocks(cols, task.num_users, pl.max_examples_per_user, pl.seed)
     data = jax.device_put(blocks)
@@ -387,5 +499,33 @@ def build(cfg, task, ms, mesh):
 
     def next_batch(step: int) -> Any:
         return sample_users(pl, step, chunk)
+
+    return step_fn, next_batch, pl
+
+
+def _build_windows(cfg, task, ms, pl: Plan):
+    """:func:`build` for a window task: the sampled users' windows are built on the host
+    each step (:func:`window_batch`), then one jitted DP step."""
+    k = min(pl.max_examples_per_user, int(task.max_len))
+    chunk = chunk_size(pl)
+    values_shape = {t: int(v.shape[0]) for t, v in ms.state.table_values().items()}
+    loss_fn = task.loss_fn(ms.abstract_model)
+    step = make_dp_step(ms.graphdef, ms.tables, loss_fn, ms.dense_tx, pl, values_shape,
+                        make_window_gradients(ms.graphdef, ms.tables, loss_fn, values_shape))
+    jitted = jax.jit(step, out_shardings=(ms.shardings, None), donate_argnums=0)
+    log.info("privacy=dp (DP-SGD, %s): (ε=%.4g, δ=%.3g) over %d steps (%s accountant); noise "
+             "multiplier %.4g, clip C=%g, σC=%.4g; users sampled at q=%.4g (%.1f expected, "
+             "chunks of %d); one window per sampled user per step, at most %d targets of it "
+             "(L=%d); every row of %s and every dense parameter noised and updated each step",
+             task.kind, pl.epsilon, pl.delta, pl.steps, pl.accountant, pl.noise_multiplier,
+             pl.clip_norm, pl.noise_std, pl.sampling_rate, pl.expected_users, chunk, k,
+             int(task.max_len), list(ms.tables.table_features))
+
+    def step_fn(state, batch):
+        shared, xs = batch
+        return jitted(state, shared, xs)
+
+    def next_batch(step: int) -> Any:
+        return window_batch(task, sample_users(pl, step, chunk), step, k)
 
     return step_fn, next_batch, pl
