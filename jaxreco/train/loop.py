@@ -61,6 +61,9 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> run_lib.R
     in_sharding = batch_sharding(mesh, dict(cfg.mesh.rules))
     shard = process_batch_shard(in_sharding, tc.batch_size)
     train_step, data_iter, next_batch = setup.train_step(cfg, task, ms, mesh, in_sharding, shard)
+    spc = int(tc.steps_per_call)        # > 1: groups of steps per call (config refuses iALS/DP)
+    group_fn, next_group = (setup.group_step(cfg, task, ms, mesh, in_sharding, shard, data_iter)
+                            if spc > 1 else (None, None))
 
     # ------------------------------------------------------------------ resume
     # Order: fresh state and iterator above; then the newest readable checkpoint step
@@ -103,24 +106,42 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> run_lib.R
     preemption = PreemptionWatcher()
 
     def flush_losses() -> None:
-        if pending:
-            loop["loss_sum"] += float(np.sum(jax.device_get(pending)))
-            loop["loss_count"] += len(pending)
+        if pending:           # one float32 vector of every step's loss, summed as K=1 sums it
+            losses = [np.ravel(v)[:n] for v, n in zip(jax.device_get([v for v, _ in pending]),
+                                                       [n for _, n in pending])]
+            loop["loss_sum"] += float(np.sum(np.concatenate(losses)))
+            loop["loss_count"] += sum(n for _, n in pending)
             pending.clear()
+
+    def group_end(step: int) -> int:
+        """Where the group of steps starting at ``step`` ends: after ``steps_per_call``
+        steps, or earlier at the next epoch end, log step, checkpoint step or profile-window
+        edge, so that each of them happens at the step the user asked for."""
+        nxt = lambda every: (step // every + 1) * every     # noqa: E731
+        ends = [step + spc, total_steps, nxt(steps_per_epoch), nxt(tc.log_every_steps)]
+        if ckpt is not None and tc.checkpoint_every_steps:
+            ends.append(nxt(tc.checkpoint_every_steps))
+        ends += [w for w in (profiler.window or ()) if w > step]
+        return min(ends)
 
     while step < total_steps and not stopped_early:
         profiler.before(step, state)
-        state, m = train_step(state, next_batch(step))
+        if group_fn is None:
+            n = 1
+            state, m = train_step(state, next_batch(step))
+        else:
+            n = group_end(step) - step
+            state, m = group_fn(state, *next_group(step, n))
         if sync_each_step:
             jax.block_until_ready(state)
-        step += 1
+        step += n
         profiler.after(step, state)
-        pending.append(m["loss"])
-        examples_since += ms.examples_per_step
-        if step == first_step + 1 and show_bar:
+        pending.append((m["loss"], n))
+        examples_since += n * ms.examples_per_step
+        if step == first_step + n and show_bar:
             bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
                        dynamic_ncols=True)
-        bar.update(0 if step == first_step + 1 else 1)
+        bar.update(0 if step == first_step + n else n)
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
         if step % tc.log_every_steps == 0 or end_of_epoch:
             flush_losses()
@@ -167,7 +188,8 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> run_lib.R
             flush_losses()
             ckpt.save(step, state, data_iter, loop)
         # -------------------------------------------------------------- preemption
-        if preemption.reached(step):
+        # every step number is offered (several processes agree on one of them)
+        if any(preemption.reached(s) for s in range(step - n + 1, step + 1)):
             flush_losses()
             if ckpt is not None:
                 if ckpt.latest_step() != step:

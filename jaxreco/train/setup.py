@@ -10,6 +10,7 @@ import logging
 from typing import Any, Callable, NamedTuple
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from omegaconf import DictConfig
@@ -21,7 +22,7 @@ from jaxreco.embedding import ShardedTables
 from jaxreco.privacy import dp_ials, dp_sgd
 from jaxreco.train import ials
 from jaxreco.train.state import create_state, table_axes
-from jaxreco.train.step import make_train_step
+from jaxreco.train.step import make_group_step, make_train_step
 
 log = logging.getLogger("jaxreco")
 
@@ -114,6 +115,33 @@ def train_step(cfg: DictConfig, task, ms: ModelState, mesh, in_sharding, shard: 
     def next_batch(step: int):
         return to_global(task.transform(next(data_iter), step, shard[0]), in_sharding)
     return step_fn, data_iter, next_batch
+
+
+def group_step(cfg: DictConfig, task, ms: ModelState, mesh, in_sharding,
+               shard: tuple[int, int], data_iter):
+    """``trainer.steps_per_call`` K > 1 (gradient optimizers): ``(group_fn, next_group)``.
+    ``group_fn(state, batches, count) -> (state, metrics)`` runs ``count`` <= K train steps
+    in one jitted call (:func:`jaxreco.train.step.make_group_step`: the same updates as
+    ``count`` calls of the step); ``next_group(step, count)`` reads the ``count`` batches of
+    steps ``step .. step+count-1`` from ``data_iter`` (the iterator the step's batches come
+    from, so its checkpointed position stays the step's), stacks them on the host (one
+    transfer per column) and pads the stack to K with the last batch."""
+    k = int(cfg.trainer.steps_per_call)
+    stacked = NamedSharding(mesh, PartitionSpec(None, *in_sharding.spec))
+    group_fn = jax.jit(make_group_step(make_train_step(ms.graphdef, ms.tables,
+                                                       task.loss_fn(ms.abstract_model),
+                                                       ms.dense_tx), k),
+                       in_shardings=(ms.shardings, stacked, None),
+                       out_shardings=(ms.shardings, None), donate_argnums=0)
+
+    def next_group(step: int, count: int):
+        if not 1 <= count <= k:
+            raise ValueError(f"a group of {count} steps with trainer.steps_per_call={k}")
+        batches = [task.transform(next(data_iter), step + j, shard[0]) for j in range(count)]
+        batches += [batches[-1]] * (k - count)
+        return (to_global({c: np.stack([b[c] for b in batches]) for c in batches[0]}, stacked),
+                np.int32(count))
+    return group_fn, next_group
 
 
 def ials_step(cfg: DictConfig, task, ms: ModelState, mesh):

@@ -74,6 +74,31 @@ def make_multi_step(train_step):
     return multi_step
 
 
+def make_group_step(train_step, k: int):
+    """``group_step(state, batches, count) -> (state, metrics)``: ``train_step`` applied to
+    the first ``count`` (1..``k``, a traced int) of ``k`` batches stacked on a leading axis,
+    in order, in one dispatch (a ``fori_loop``; the rest of the stack is ignored). What
+    ``trainer.steps_per_call=k`` runs: one compiled program serves full groups and the
+    shorter ones that end at an epoch, log or checkpoint boundary. ``metrics``: each step's,
+    stacked to ``[k, ...]`` (rows from ``count`` on are zeros)."""
+
+    def group_step(state: TrainState, batches: Mapping[str, jax.Array], count: jax.Array):
+        first = jax.tree.map(lambda x: x[0], batches)
+        shapes = jax.eval_shape(train_step, state, first)[1]
+        stacked = jax.tree.map(lambda s: jnp.zeros((k, *s.shape), s.dtype), shapes)
+
+        def body(i, carry):
+            state, stacked = carry
+            batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False),
+                                 batches)
+            state, m = train_step(state, batch)
+            return state, jax.tree.map(lambda a, v: a.at[i].set(v), stacked, m)
+
+        return jax.lax.fori_loop(0, count, body, (state, stacked))
+
+    return group_step
+
+
 def make_predict(graphdef, tables: ShardedTables):
     """``predict(state, batch) -> scores`` through the sharded lookup."""
 
