@@ -26,9 +26,9 @@ the ``bench`` extra) on the experiment's prepared random 90/10 split, both fitte
                                                   0.8394); compile and data loading included
   mf_final_rmse / libmf_final_rmse                test RMSE after the last epoch / iteration
   mf_vs_libmf_time_to_rmse_ratio                  jaxreco seconds / LibMF seconds (<= 1: ahead)
-  ..._spc<K>                                      the same with K steps per jitted call
-                                                  (``--steps-per-call``, default 1 and 8:
-                                                  ``make_multi_step``, the same updates)
+  ..._spc<K>                                      the same with ``trainer.steps_per_call=K``
+                                                  (``--steps-per-call``, default 1 and 8;
+                                                  the same updates, K per jitted call)
 
 ``--sequential`` instead runs the trainer's own step of ``model=sequential`` /
 ``task.kind=next_item`` (the ``ml1m_sasrec`` experiment's settings unless overridden) on a
@@ -70,8 +70,7 @@ def _args():
     p.add_argument("--libmf-threads", type=int, default=2)
     p.add_argument("--libmf-iters", type=int, default=100)
     p.add_argument("--steps-per-call", type=int, nargs="+", default=[1, 8],
-                   help="--peers: jaxreco steps per jitted call (1: the trainer's way; K > 1: "
-                        "make_multi_step, the same updates K at a time)")
+                   help="--peers: jaxreco-train runs with trainer.steps_per_call=K for each K")
     p.add_argument("--sequential", action="store_true",
                    help="only the sequential model's training examples/s (one device)")
     p.add_argument("--seq-len", type=int, default=50, help="--sequential: model.max_len")
@@ -168,51 +167,51 @@ def _ml1m_mf_task():
 
 def mf_time_to_rmse(cfg, task, target: float, steps_per_call: int = 1
                     ) -> tuple[list[tuple[float, float]], float]:
-    """jaxreco's trainer pieces (the loop's state, step and batches) for ``trainer.epochs``
-    epochs: ``([(training seconds so far, test RMSE) per epoch], seconds to reach target)``.
-    The clock runs from the first (compiling) step and stops while the test set is scored.
+    """``jaxreco-train``'s own loop (:func:`jaxreco.train.loop.train_and_evaluate`) on
+    ``task`` with ``trainer.steps_per_call=K`` for ``trainer.epochs`` epochs (no early stop,
+    no checkpoints, no TensorBoard): ``([(training seconds so far, test RMSE) per epoch],
+    seconds to reach target)``. The loop's per-epoch validation is pointed at the test rows
+    (the validation rows are in ``task.train_cols``). The clock starts at the first batch
+    (so the first step's compile counts) and stops while the test set is scored."""
+    import tempfile
 
-    ``steps_per_call`` K > 1: the same batches in the same order, K at a time through
-    :func:`jaxreco.train.step.make_multi_step` (one ``lax.scan`` per K steps; an epoch's
-    last ``steps mod K`` one by one), so the updates are the trainer's, with fewer
-    dispatches. ``jaxreco-train`` itself still dispatches every step (K = 1)."""
-    from jaxreco.distributed import process_batch_shard
-    from jaxreco.train import setup
-    from jaxreco.train.step import make_multi_step, make_train_step
+    from omegaconf import OmegaConf
 
-    mesh = make_mesh(cfg.mesh.axes)
-    ms = setup.model_state(cfg, task, mesh)
-    in_sharding = batch_sharding(mesh, dict(cfg.mesh.rules))
-    shard = process_batch_shard(in_sharding, cfg.trainer.batch_size)
-    step_fn, _, next_batch = setup.train_step(cfg, task, ms, mesh, in_sharding, shard)
-    multi = None
-    if steps_per_call > 1:
-        raw = make_train_step(ms.graphdef, ms.tables, task.loss_fn(ms.abstract_model),
-                              ms.dense_tx)
-        multi = jax.jit(make_multi_step(raw), out_shardings=(ms.shardings, None),
-                        donate_argnums=0)
-    task.setup(ms.graphdef, ms.tables, ms.abstract_model, in_sharding, mesh)
-    state, curve, seconds, step, hit = ms.state, [], 0.0, 0, float("nan")
-    for _ in range(cfg.trainer.epochs):
-        t = time.perf_counter()
-        end = step + ms.steps_per_epoch
-        while step < end:
-            if multi is not None and end - step >= steps_per_call:
-                batches = [next_batch(step + j) for j in range(steps_per_call)]
-                # stacked on the host: one transfer per column (jnp.stack of device
-                # arrays would dispatch K + 1 ops per column)
-                state, _ = multi(state, {k: np.stack([np.asarray(b[k]) for b in batches])
-                                         for k in batches[0]})
-                step += steps_per_call
-            else:
-                state, _ = step_fn(state, next_batch(step))
-                step += 1
+    from jaxreco.train import loop
+
+    epochs = int(cfg.trainer.epochs)
+    cfg = OmegaConf.merge(cfg, {"trainer": {"steps_per_call": steps_per_call,
+                                            "checkpoint": False, "patience": epochs + 1,
+                                            "progress_bar": False},
+                                "logger": {"tensorboard": False}})
+    clock = {"t0": None, "eval": 0.0}
+    curve: list[tuple[float, float]] = []
+    transform, evaluate = task.transform, task.evaluate
+
+    def first_batch_starts_the_clock(batch, step, shard_index):
+        if clock["t0"] is None:
+            clock["t0"] = time.perf_counter()
+        return transform(batch, step, shard_index)
+
+    def epoch_end_scores_test(state, split, full=False):
+        if split != "val" or len(curve) == epochs:        # the final report: as it is
+            return evaluate(state, split, full)
         jax.block_until_ready(state)
-        seconds += time.perf_counter() - t
-        rmse = task.evaluate(state, "test")["rmse"]
-        curve.append((seconds, rmse))
-        if rmse <= target and hit != hit:
-            hit = seconds
+        t = time.perf_counter()
+        out = evaluate(state, "test", full)
+        curve.append((t - clock["t0"] - clock["eval"], out["rmse"]))
+        clock["eval"] += time.perf_counter() - t
+        return out
+
+    task.transform, task.evaluate = first_batch_starts_the_clock, epoch_end_scores_test
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            loop.train_and_evaluate(cfg, workdir, task=task)
+    finally:
+        del task.transform, task.evaluate               # the class's methods again
+    if len(curve) != epochs:
+        raise RuntimeError(f"expected {epochs} epoch-end scores, got {len(curve)}")
+    hit = next((s for s, r in curve if r <= target), float("nan"))
     return curve, hit
 
 
@@ -315,7 +314,7 @@ def peers(a) -> None:
     for k in a.steps_per_call:
         curve, hits[k] = mf_time_to_rmse(cfg, task, a.target_rmse, k)
         sfx = "" if k == 1 else f"_spc{k}"
-        print(f"  jaxreco, {k} step(s) per call (1: as jaxreco-train runs):")
+        print(f"  jaxreco-train loop, trainer.steps_per_call={k}:")
         for e, (s, r) in enumerate(curve, 1):
             print(f"  mf{sfx} epoch {e}: {s:.2f} s  test rmse {r:.4f}")
         print(f"mf_seconds_to_rmse{sfx}: {hits[k]:.2f}")

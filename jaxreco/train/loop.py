@@ -36,7 +36,11 @@ from jaxreco.train.pretrained import neumf_from_runs
 log = logging.getLogger("jaxreco")
 
 
-def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> run_lib.Results:
+def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike,
+                       task: tasks_lib.Task | None = None) -> run_lib.Results:
+    """Trains and tests ``cfg`` in ``workdir``. ``task``: an already built task of ``cfg``
+    (benchmarks that change its rows or wrap its evaluation); default: built from the
+    prepared data."""
     t_start = time.time()
     config_lib.validate(cfg)             # every option in range before any data is read
     workdir = Path(workdir)
@@ -47,7 +51,8 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike) -> run_lib.R
     tc = cfg.trainer
 
     # ------------------------------------------------------------------ data
-    task = tasks_lib.build(cfg, tasks_lib.PreparedData.prepare(cfg))
+    if task is None:
+        task = tasks_lib.build(cfg, tasks_lib.PreparedData.prepare(cfg))
     if is_main:
         run_lib.write_start(workdir, cfg, task)
     task.log_summary()
