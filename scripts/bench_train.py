@@ -71,6 +71,10 @@ def _args():
     p.add_argument("--libmf-iters", type=int, default=100)
     p.add_argument("--steps-per-call", type=int, nargs="+", default=[1, 8],
                    help="--peers: jaxreco-train runs with trainer.steps_per_call=K for each K")
+    p.add_argument("--compilation-cache", metavar="DIR",
+                   help="--peers: JAX's persistent compilation cache in DIR (as "
+                        "JAX_COMPILATION_CACHE_DIR does for jaxreco-train): a rerun with the "
+                        "same DIR loads the compiled steps instead of compiling them")
     p.add_argument("--sequential", action="store_true",
                    help="only the sequential model's training examples/s (one device)")
     p.add_argument("--seq-len", type=int, default=50, help="--sequential: model.max_len")
@@ -81,6 +85,14 @@ def _args():
 
 
 ARGS = _args() if __name__ == "__main__" else None
+if ARGS is not None:
+    if ARGS.compilation_cache:                       # read by jax at import
+        os.environ.update(JAX_COMPILATION_CACHE_DIR=ARGS.compilation_cache,
+                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    from jaxreco.runtime import configure_xla
+
+    configure_xla()                                  # the XLA flags jaxreco-train runs with
 if ARGS is not None and ARGS.devices > 1 and not (ARGS.peers or ARGS.sequential):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={ARGS.devices}")
@@ -303,7 +315,12 @@ def peers(a) -> None:
     cfg, task = _ml1m_mf_task()
     cols, te = task.train_cols, task.split["test"]
     rating_range = cfg.dataset.get("rating_range", None)
-    print(f"device: {dev.device_kind} ({dev.platform}), libmf threads: {a.libmf_threads}")
+    print(f"device: {dev.device_kind} ({dev.platform}), libmf threads: {a.libmf_threads}, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if a.compilation_cache:
+        n = len(os.listdir(a.compilation_cache)) if os.path.isdir(a.compilation_cache) else 0
+        print(f"compilation cache: {a.compilation_cache} ({n} entries before this run: "
+              f"{'warm' if n else 'cold'})")
     print(f"split: ml1m_mf random 90/10 (seed {cfg.task.prepare.split.seed}): "
           f"{len(cols['user'])} train+val rows, {len(te['user'])} test rows")
     print(f"config: jaxreco ml1m_mf dim={cfg.model.dim} reg={cfg.model.reg} "
@@ -335,6 +352,7 @@ def peers(a) -> None:
     for k, hit in hits.items():
         sfx = "" if k == 1 else f"_spc{k}"
         print(f"mf_vs_libmf_time_to_rmse_ratio{sfx}: {hit / lm['seconds_to_target']:.3f}")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 # ---------------------------------------------------------------------- --sequential
