@@ -129,6 +129,108 @@ class _Plan:
         return send_ids, sslot[self.pos]
 
 
+class _Packing:
+    """Several table groups in one virtual row space, so that one routing serves them all.
+
+    Shard ``d`` owns ``n_g`` rows of group ``g`` (``[d · n_g, (d + 1) · n_g)``); its
+    *virtual* rows ``[d · v, (d + 1) · v)``, ``v = Σ n_g``, hold its rows of group 0, then
+    of group 1, ... So group ``g``'s id ``i`` (owner ``d = i // n_g``) is the virtual id
+    ``d · v + o_g + i − d · n_g`` (``o_g = Σ_{h<g} n_h``): sorting virtual ids groups every
+    group's ids by owner at once, and an owner tells a received id's group by its offset.
+    A row travels as its group's tables side by side, padded to the widest group
+    (``width``). With MF's user and item groups this halves the step's collectives.
+
+    ``exact``: rows divide evenly over the shards (row-sharded tables); otherwise shards
+    own ``ceil(rows / N)`` rows (the update split of replicated tables).
+    """
+
+    def __init__(self, feats, names, num_rows, widths, num_shards: int, exact: bool):
+        self.feats, self.names, self.num_rows = feats, names, num_rows
+        self.num_shards = num_shards
+        self.n = [r // num_shards if exact else -(-r // num_shards) for r in num_rows]
+        self.offsets = [sum(self.n[:g]) for g in range(len(num_rows))]
+        self.v = sum(self.n)
+        self.edges = [[sum(w[:i]) for i in range(len(w) + 1)] for w in widths]
+        self.width = max(e[-1] for e in self.edges)
+
+    def virtual_ids(self, ids_parts) -> jax.Array:
+        """Every group's features (flattened in group order) as one array of virtual ids;
+        ids outside a group's rows become ``num_shards · v`` (none)."""
+        out, parts = [], iter(ids_parts)
+        for g, feats in enumerate(self.feats):
+            n = self.n[g]
+            for _ in feats:
+                ids = next(parts)
+                dest = ids // n
+                vid = dest * (self.v - n) + self.offsets[g] + ids
+                out.append(jnp.where((ids >= 0) & (ids < self.num_rows[g]), vid,
+                                     self.num_shards * self.v))
+        return jnp.concatenate(out)
+
+    def local(self, vl: jax.Array):
+        """Per group, ``(member, row)`` of an owner's virtual local ids ``vl`` (``v`` =
+        none): whether each is the group's, and its local row (``n_g`` if not)."""
+        out = []
+        for g in range(len(self.n)):
+            row = vl - self.offsets[g]
+            member = (row >= 0) & (row < self.n[g])
+            out.append((member, jnp.where(member, row, self.n[g])))
+        return out
+
+    def gather(self, tabs_local, vl: jax.Array) -> jax.Array:
+        """``[len(vl), width]``: each id's rows of its group's tables side by side (the
+        non-members' reads are of one clipped row, which stays in cache)."""
+        out, tabs = None, iter(tabs_local)
+        for g, (member, row) in enumerate(self.local(vl)):
+            r = jnp.concatenate([take_rows(next(tabs), row) for _ in self.names[g]], 1)
+            r = jnp.pad(r, [(0, 0), (0, self.width - r.shape[1])])
+            out = r if out is None else jnp.where(member[:, None], r, out)
+        return out
+
+    def pack_grads(self, g_flat) -> jax.Array:
+        """``[ids, width]`` in :meth:`virtual_ids` order from the row gradients, flattened
+        per group, per table, per feature."""
+        parts, rows = iter(g_flat), []
+        per = []
+        for g, feats in enumerate(self.feats):
+            per.append([[next(parts) for _ in feats] for _ in self.names[g]])
+        for g, feats in enumerate(self.feats):
+            for j in range(len(feats)):
+                r = jnp.concatenate([per[g][i][j] for i in range(len(self.names[g]))], 1)
+                rows.append(jnp.pad(r, [(0, 0), (0, self.width - r.shape[1])]))
+        return jnp.concatenate(rows)
+
+    def split_rows(self, out: jax.Array, ids_parts):
+        """``out [ids, width]`` -> ``((rows of feature j for j) for table i) for group g``."""
+        res, off, parts = [], 0, iter(ids_parts)
+        for g, feats in enumerate(self.feats):
+            spans = []
+            for _ in feats:
+                k = next(parts).shape[0]
+                spans.append((off, off + k))
+                off += k
+            e = self.edges[g]
+            res.append(tuple(tuple(out[a:b, e[i]:e[i + 1]] for a, b in spans)
+                             for i in range(len(self.names[g]))))
+        return tuple(res)
+
+    def apply(self, row_opt: RowOptimizer, tabs, sls, vl: jax.Array, grads: jax.Array, step):
+        """An owner's update: deduplicates its received virtual ids ``vl`` (``v`` = none)
+        once, sums their gradients, and runs the row optimizer on each table (flattened in
+        group order) for its group's ids (the others' rows are out of range: dropped)."""
+        uids, inv = unique_inverse(vl, self.v)
+        ug = jax.ops.segment_sum(grads, inv, num_segments=uids.shape[0])
+        out_t, out_s, k = [], [], 0
+        for g, (_, row) in enumerate(self.local(uids)):
+            e = self.edges[g]
+            for i in range(len(self.names[g])):
+                nt, ns = row_opt.apply(tabs[k], sls[k], row, ug[:, e[i]:e[i + 1]], step)
+                out_t.append(nt)
+                out_s.append(ns)
+                k += 1
+        return out_t, out_s
+
+
 class ShardedTables:
     """Lookup/update of a model's tables on ``mesh`` under ``rules``.
 
@@ -174,6 +276,16 @@ class ShardedTables:
         for t in self.table_features:
             groups.setdefault((self.table_features[t], self.row_axes[t]), []).append(t)
         self.groups = list(groups.items())
+        # Routed groups on the same row axes share one routing (one sort, one ids and one
+        # rows all_to_all per lookup, one gradients all_to_all per update); so do the
+        # row-range-split updates of replicated tables.
+        sets: dict[tuple, list[int]] = {}
+        for g, ((_, ra), names) in enumerate(self.groups):
+            if self.routed[names[0]]:
+                sets.setdefault(ra, []).append(g)
+        self.routed_sets = list(sets.items())
+        self.replicated_set = [g for g, ((_, ra), names) in enumerate(self.groups)
+                               if not self.routed[names[0]] and self._replicated_routed(ra)]
 
     # ------------------------------------------------------------------ helpers
     def _size(self, axes: tuple[str, ...]) -> int:
@@ -207,9 +319,6 @@ class ShardedTables:
         if not extra:
             return x
         return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-
-    def _plan(self, ids: jax.Array, num_rows: int) -> _Plan:
-        return _Plan(ids, num_rows, self.num_devices, self.capacity(ids.shape[0]))
 
     def _first_round(self, plan: _Plan, ra: tuple[str, ...]):
         """Inside ``shard_map``: ``(fits, send_ids, slot)`` of the round that sends every id
@@ -259,19 +368,22 @@ class ShardedTables:
         return self.lookup_and_plan(tables, batch)[0]
 
     def lookup_and_plan(self, tables: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
-        """``(rows, plans)``: the lookup, and per routed group the routing it computed
+        """``(rows, plans)``: the lookup, and per routed set of groups the routing it computed
         (``(recv_ids, slot, fits)``), which :meth:`update` reuses for the same batch: the
         gradients travel back along the same buffer layout, so the step sorts and routes
-        each group's ids once."""
+        the ids once. All routed groups on the same row axes share one routing (one sort,
+        one ids and one rows ``all_to_all`` per step, whatever the number of groups)."""
         rows: dict[str, dict[str, jax.Array]] = {}
         plans: dict[int, tuple] = {}
-        for g, ((feats, ra), names) in enumerate(self.groups):
-            if self.routed[names[0]]:
-                out, plans[g] = self._lookup_routed([tables[t] for t in names],
-                                                    [batch[f] for f in feats], ra)
-                for t, per_feat in zip(names, out):
+        for s, (ra, members) in enumerate(self.routed_sets):
+            packing = self._packing(members, tables, exact=True)
+            out, plans[s] = self._lookup_routed(packing, ra, tables, batch)
+            for g, per_t in zip(members, out):
+                feats, names = self.groups[g][0][0], self.groups[g][1]
+                for t, per_feat in zip(names, per_t):
                     rows[t] = dict(zip(feats, per_feat))
-            else:
+        for (feats, ra), names in self.groups:
+            if not self.routed[names[0]]:
                 for t in names:
                     rows[t] = {f: self._lookup_masked(tables[t], batch[f], ra) for f in feats}
         return {t: rows[t] for t in self.table_features}, plans
@@ -291,26 +403,30 @@ class ShardedTables:
                              in_specs=(P(ra, None), self._batch_spec()),
                              out_specs=self._batch_spec(2))(table, ids)
 
-    def _lookup_routed(self, tabs, id_feats, ra):
-        """All features of a group in one routing: ``([[rows of t for f] for t], plan)``."""
-        num_rows = tabs[0].shape[0]
-        widths = [t.shape[1] for t in tabs]
-        edges = [sum(widths[:i]) for i in range(len(widths) + 1)]
-        nf = len(id_feats)
+    def _packing(self, members, tables, exact):
+        groups = [self.groups[g] for g in members]
+        return _Packing([feats for (feats, _), _ in groups], [names for _, names in groups],
+                        [tables[names[0]].shape[0] for _, names in groups],
+                        [[tables[t].shape[1] for t in names] for _, names in groups],
+                        self.num_devices, exact)
+
+    def _lookup_routed(self, pk: _Packing, ra, tables, batch):
+        """All features of all groups of ``pk`` in one routing:
+        ``([[[rows of f] for t in group] for group], plan)``."""
+        n_dev = self.num_devices
 
         def body(tabs_local, ids_parts):
-            ids = jnp.concatenate(ids_parts)
-            plan = self._plan(ids, num_rows)
-            n_dev, cap = self.num_devices, plan.capacity
+            vids = pk.virtual_ids(ids_parts)
+            plan = _Plan(vids, n_dev * pk.v, n_dev, self.capacity(vids.shape[0]))
+            cap = plan.capacity
             full = jnp.full((n_dev,), plan.n, jnp.int32)
             send_ids, slot = plan.round(jnp.zeros_like(full), full)
-            zeros = jnp.zeros((ids.shape[0], edges[-1]), tabs_local[0].dtype)
+            zeros = jnp.zeros((vids.shape[0], pk.width), tabs_local[0].dtype)
 
             def one_round(send_ids, slot, out, recv=None):
                 if recv is None:
                     recv = self._a2a(send_ids, ra)
-                rows = jnp.concatenate([take_rows(t, recv) for t in tabs_local], 1)
-                back = self._a2a(rows, ra)
+                back = self._a2a(pk.gather(tabs_local, recv), ra)
                 return jnp.where((slot < back.shape[0])[:, None],
                                  back.at[slot].get(mode="fill", fill_value=0), out), recv
 
@@ -328,24 +444,20 @@ class ShardedTables:
             if fits is not True:         # skewed ids (rare): further rounds, from scratch
                 out = self._rounds(plan, ra, lambda s, sl, o: one_round(s, sl, o)[0],
                                    jnp.where(fits, out, zeros), done=fits)
-            # Features of a group may differ in length (items [B] with negatives [B·k], a
-            # sequence's [B·L] inputs with [S] candidates): cut ``out`` at each one's offset.
-            offs = [0]
-            for part in ids_parts:
-                offs.append(offs[-1] + part.shape[0])
-            rows = tuple(tuple(out[offs[j]:offs[j + 1], edges[i]:edges[i + 1]]
-                               for j in range(nf))
-                         for i in range(len(widths)))
-            return rows, (recv, slot, jnp.asarray(fits))
+            return pk.split_rows(out, ids_parts), (recv, slot, jnp.asarray(fits))
 
+        tabs = [tables[t] for names in pk.names for t in names]
+        id_feats = [batch[f] for feats in pk.feats for f in feats]
+        row_specs = tuple(tuple(tuple(self._slice_spec(2) for _ in feats) for _ in names)
+                          for feats, names in zip(pk.feats, pk.names))
         f = jax.shard_map(body, mesh=self.mesh,
-                          in_specs=([P(ra, None)] * len(tabs), [self._slice_spec()] * nf),
-                          out_specs=(tuple(tuple(self._slice_spec(2) for _ in range(nf))
-                                           for _ in tabs),
-                                     (self._slice_spec(), self._slice_spec(), P())),
+                          in_specs=([P(ra, None)] * len(tabs),
+                                    [self._slice_spec()] * len(id_feats)),
+                          out_specs=(row_specs, (self._slice_spec(), self._slice_spec(), P())),
                           check_vma=False)
-        rows, plan = f(list(tabs), [self._pad(x, -1) for x in id_feats])
-        return [[r[:x.shape[0]] for r, x in zip(per_t, id_feats)] for per_t in rows], plan
+        rows, plan = f(tabs, [self._pad(x, -1) for x in id_feats])
+        return [[[r[:batch[fe].shape[0]] for r, fe in zip(per_f, feats)] for per_f in per_t]
+                for per_t, feats in zip(rows, pk.feats)], plan
 
     # ------------------------------------------------------------------ update
     def update(self, tables: Mapping[str, jax.Array], slots: Mapping[str, Any],
@@ -356,18 +468,24 @@ class ShardedTables:
         ``plans``: what :meth:`lookup_and_plan` returned for this batch (routed groups then
         skip their sort and the ids' trip to the owners); without it they route again."""
         new_tables, new_slots = dict(tables), dict(slots)
-        for g, ((feats, ra), names) in enumerate(self.groups):
-            if self.routed[names[0]]:
-                tabs, sls = self._update_routed(feats, ra, names, tables, slots, batch, grads,
-                                                step, (plans or {}).get(g))
-            elif self._replicated_routed(ra):
-                tabs, sls = self._update_replicated(feats, names, tables, slots, batch, grads,
-                                                    step)
-            else:
+
+        def store(pk, tabs, sls):
+            for t, nt, ns in zip([t for names in pk.names for t in names], tabs, sls):
+                new_tables[t], new_slots[t] = nt, ns
+
+        for s, (ra, members) in enumerate(self.routed_sets):
+            pk = self._packing(members, tables, exact=True)
+            store(pk, *self._update_routed(pk, ra, tables, slots, batch, grads, step,
+                                           (plans or {}).get(s)))
+        if self.replicated_set:
+            pk = self._packing(self.replicated_set, tables, exact=False)
+            store(pk, *self._update_replicated(pk, tables, slots, batch, grads, step))
+        for (feats, ra), names in self.groups:
+            if not self.routed[names[0]] and not self._replicated_routed(ra):
                 tabs, sls = self._update_masked(feats, ra, names, tables, slots, batch, grads,
                                                 step)
-            for t, nt, ns in zip(names, tabs, sls):
-                new_tables[t], new_slots[t] = nt, ns
+                for t, nt, ns in zip(names, tabs, sls):
+                    new_tables[t], new_slots[t] = nt, ns
         return new_tables, new_slots
 
     def _replicated_routed(self, ra) -> bool:
@@ -387,25 +505,25 @@ class ShardedTables:
             outs_s.append(ns)
         return outs_t, outs_s
 
-    def _specs(self, names, tables, slots):
-        tab_specs = [self._row_spec(t, tables[t].ndim) for t in names]
-        slot_specs = [jax.tree.map(lambda x, t=t: self._row_spec(t, x.ndim), slots[t])
-                      for t in names]
-        return tab_specs, slot_specs
-
     def _shard_update(self, body, spec, pad, feats, names, tables, slots, batch, grads, step,
                       extra=(), extra_specs=()):
         """Runs ``body(ids_parts, g_parts, tabs, sls, step, *extra) -> (tabs, sls)`` under
-        shard_map: ids and row gradients per feature laid out by ``spec`` (after ``pad``),
-        tables and slots by their row layout."""
-        tab_specs, slot_specs = self._specs(names, tables, slots)
+        shard_map: ids per feature (``feats``) and row gradients per table and feature
+        (``[[grads[t][f] for f in feats_of_t] for t in names]``) laid out by ``spec`` (after
+        ``pad``), tables and slots by their row layout. ``feats``: a list of features, or
+        one list per table of ``names`` (the features of that table's group)."""
+        per_table = feats if feats and isinstance(feats[0], (list, tuple)) else [feats] * len(names)
+        id_feats = list(dict.fromkeys(f for fs in per_table for f in fs))
+        tab_specs = [self._row_spec(t, tables[t].ndim) for t in names]
+        slot_specs = [jax.tree.map(lambda x, t=t: self._row_spec(t, x.ndim), slots[t])
+                      for t in names]
         f = jax.shard_map(
             body, mesh=self.mesh,
-            in_specs=([spec()] * len(feats), [[spec(2)] * len(feats) for _ in names],
+            in_specs=([spec()] * len(id_feats), [[spec(2)] * len(fs) for fs in per_table],
                       tab_specs, slot_specs, P(), *extra_specs),
             out_specs=(tab_specs, slot_specs), check_vma=False)
-        return f([pad(batch[fe], -1) for fe in feats],
-                 [[pad(grads[t][fe], 0) for fe in feats] for t in names],
+        return f([pad(batch[fe], -1) for fe in id_feats],
+                 [[pad(grads[t][fe], 0) for fe in fs] for t, fs in zip(names, per_table)],
                  [tables[t] for t in names], [slots[t] for t in names], step, *extra)
 
     def _update_masked(self, feats, ra, names, tables, slots, batch, grads, step):
@@ -425,122 +543,174 @@ class ShardedTables:
             return body(jnp.concatenate(ids_parts), [jnp.concatenate(p) for p in g_parts],
                         tabs, sls, step)
 
-        return self._shard_update(body_parts, self._batch_spec, lambda x, fill: x, feats, names,
-                                  tables, slots, batch, grads, step)
+        return self._shard_update(body_parts, self._batch_spec, lambda x, fill: x, list(feats),
+                                  names, tables, slots, batch, grads, step)
 
-    @staticmethod
-    def _slice_grads(g_parts, nf):
-        """``[slice · features, sum of widths]``: per feature, the group's tables side by side."""
-        return jnp.concatenate([jnp.concatenate([gt[i] for gt in g_parts], axis=1)
-                                for i in range(nf)])
+    def _packed_update(self, pk: _Packing, body, tables, slots, batch, grads, step,
+                       extra=(), extra_specs=()):
+        """``_shard_update`` over every group of ``pk``: ``body(vids, g, tabs, sls, step,
+        *extra)`` gets the slice's virtual ids and packed row gradients."""
+        names = [t for ns in pk.names for t in ns]
+        per_table = [list(fs) for fs, ns in zip(pk.feats, pk.names) for _ in ns]
+        order = list(dict.fromkeys(f for fs in per_table for f in fs))
 
-    def _update_routed(self, feats, ra, names, tables, slots, batch, grads, step, plan):
-        num_rows = tables[names[0]].shape[0]
-        widths = [tables[t].shape[1] for t in names]
-        edges = [sum(widths[:i]) for i in range(len(widths) + 1)]
+        def wrapped(ids_parts, g_parts, tabs, sls, step, *extra):
+            by_name = dict(zip(order, ids_parts))
+            vids = pk.virtual_ids([by_name[f] for fs in pk.feats for f in fs])
+            g = pk.pack_grads([x for parts in g_parts for x in parts])
+            return body(vids, g, tabs, sls, step, *extra)
 
-        def send(g, slot, size):
-            return jnp.zeros((size, g.shape[1]), g.dtype).at[slot].add(g, mode="drop")
+        return self._shard_update(wrapped, self._slice_spec, self._pad, per_table, names,
+                                  tables, slots, batch, grads, step, extra, extra_specs)
+
+    def _update_routed(self, pk: _Packing, ra, tables, slots, batch, grads, step, plan):
+        n_dev = self.num_devices
 
         def one_round(g, step):
             def run(send_ids, slot, carry, recv_ids=None):
                 tabs, sls = carry
                 if recv_ids is None:
                     recv_ids = self._a2a(send_ids, ra)
-                recv_g = self._a2a(send(g, slot, recv_ids.shape[0]), ra)
-                return self._apply(tabs, sls, recv_ids,
-                                   [recv_g[:, edges[i]:edges[i + 1]] for i in range(len(names))],
-                                   step)
+                send = jnp.zeros((recv_ids.shape[0], g.shape[1]), g.dtype).at[slot].add(
+                    g, mode="drop")
+                return pk.apply(self.row_opt, tabs, sls, recv_ids, self._a2a(send, ra), step)
             return run
 
-        def body(ids_parts, g_parts, tabs, sls, step, *planned):
-            ids = jnp.concatenate(ids_parts)
-            g = self._slice_grads(g_parts, len(ids_parts))
+        def body(vids, g, tabs, sls, step, *planned):
             run = one_round(g, step)
             if planned:                  # the lookup's routing of these ids: no ids travel
                 recv, slot, fits = planned
-                if self.capacity(ids.shape[0]) >= ids.shape[0]:
+                if self.capacity(vids.shape[0]) >= vids.shape[0]:
                     return run(None, slot, (tabs, sls), recv_ids=recv)
-                plan = self._lazy_plan(ids, num_rows, ~fits)
+                plan = self._lazy_plan(vids, n_dev * pk.v, ~fits)
             else:
-                plan = self._plan(ids, num_rows)
+                plan = _Plan(vids, n_dev * pk.v, n_dev, self.capacity(vids.shape[0]))
                 fits, send_ids, slot = self._first_round(plan, ra)
                 if fits is True:
                     return run(send_ids, slot, (tabs, sls))
                 recv = self._a2a(send_ids, ra)
             # The first round is applied only if it held every id (else its owners see no id);
             # skewed ids (rare) then take the rounds, sorting again only in that case.
-            carry = run(None, slot, (tabs, sls),
-                        recv_ids=jnp.where(fits, recv, num_rows // self.num_devices))
+            carry = run(None, slot, (tabs, sls), recv_ids=jnp.where(fits, recv, pk.v))
             return self._rounds(plan, ra, run, carry, done=fits)
 
         extra, extra_specs = (), ()
         if plan is not None:
             extra, extra_specs = plan, (self._slice_spec(), self._slice_spec(), P())
-        return self._shard_update(body, self._slice_spec, self._pad, feats, names, tables, slots,
-                                  batch, grads, step, extra, extra_specs)
+        return self._packed_update(pk, body, tables, slots, batch, grads, step, extra,
+                                   extra_specs)
 
-    def _update_replicated(self, feats, names, tables, slots, batch, grads, step):
+    def _update_replicated(self, pk: _Packing, tables, slots, batch, grads, step):
         """Replicated tables (``dp``): the batch's update is computed once, not on every
-        replica. Each device routes its slice's ids and gradients to the device that owns
-        their row range *for this update* (as in the routed layout), which deduplicates
-        them and runs the row optimizer on those rows only; the new rows and slot values
-        are then all-gathered and written into every replica."""
-        num_rows = tables[names[0]].shape[0]
+        replica. Each device routes its slice's ids and gradients (one ``all_to_all``, the
+        ids riding as a column of the gradients) to the device that owns their row range
+        *for this update*, which deduplicates them and runs the row optimizer on those rows
+        only; the new rows and slot values of every table are then packed into one buffer,
+        all-gathered (one ``all_gather``) and written into every replica."""
         n_dev = self.num_devices
-        n = -(-num_rows // n_dev)                    # owner d: rows [d·n, (d+1)·n)
         axes = tuple(a for a in self.slice_axes if self.mesh.shape[a] > 1)
-        widths = [tables[t].shape[1] for t in names]
-        edges = [sum(widths[:i]) for i in range(len(widths) + 1)]
+        names = [t for ns in pk.names for t in ns]
 
-        def body(ids_parts, g_parts, tabs, sls, step):
-            ids = jnp.concatenate(ids_parts)
-            ids = jnp.where(ids < num_rows, ids, -1)
-            g = self._slice_grads(g_parts, len(ids_parts))
+        def body(vids, g, tabs, sls, step):
+            me = self._index(axes)
+            plan = _Plan(vids, n_dev * pk.v, n_dev, self.capacity(vids.shape[0]))
+            bits = lambda x: jax.lax.bitcast_convert_type(x, g.dtype)[:, None]  # noqa: E731
+            ints = lambda x: jax.lax.bitcast_convert_type(x, jnp.int32)        # noqa: E731
 
-            def one_round(send_ids, slot, carry):
-                tabs, sls = carry
-                send_g = jnp.zeros((send_ids.shape[0], g.shape[1]), g.dtype).at[slot].add(
+            def exchange(send_ids, slot, flag):
+                send = jnp.zeros((send_ids.shape[0], g.shape[1]), g.dtype).at[slot].add(
                     g, mode="drop")
-                recv = self._a2a(send_ids, axes)
-                recv_g = self._a2a(send_g, axes)
-                gid = jnp.where(recv < n, self._index(axes) * n + recv, num_rows)
-                uids, inv = unique_inverse(gid, num_rows)
-                all_uids = jax.lax.all_gather(uids, axes, tiled=True)
+                cols = [send, bits(send_ids)]
+                if flag is not None:
+                    cols.append(bits(jnp.broadcast_to(flag.astype(jnp.int32), send_ids.shape)))
+                got = self._a2a(jnp.concatenate(cols, 1), axes)
+                w = g.shape[1]
+                return got[:, :w], ints(got[:, w]), (None if flag is None else
+                                                      jnp.all(ints(got[:, w + 1]) == 0))
+
+            def apply(recv_ids, recv_g, carry):
+                tabs, sls = carry
+                uids, inv = unique_inverse(recv_ids, pk.v)
+                ug = jax.ops.segment_sum(recv_g, inv, num_segments=uids.shape[0])
                 at = jnp.arange(uids.shape[0], dtype=jnp.int32)
-                out_t, out_s = [], []
-                for i, (tab, sl) in enumerate(zip(tabs, sls)):
-                    ug = jax.ops.segment_sum(recv_g[:, edges[i]:edges[i + 1]], inv,
-                                             num_segments=uids.shape[0])
-                    mini = jax.tree.map(lambda x: x.at[uids].get(mode="clip"), (tab, sl))
-                    nt, ns = self.row_opt.apply(*mini, at, ug, step)
-                    put = lambda full, new: full.at[all_uids].set(       # noqa: E731
-                        jax.lax.all_gather(new, axes, tiled=True), mode="drop")
-                    out_t.append(put(tab, nt))
-                    out_s.append(jax.tree.map(put, sl, ns))
+                new, k = [], 0
+                for gi, (member, row) in enumerate(pk.local(uids)):
+                    gid = jnp.where(member, me * pk.n[gi] + row, pk.num_rows[gi])
+                    e = pk.edges[gi]
+                    for i in range(len(pk.names[gi])):
+                        mini = jax.tree.map(lambda x: x.at[gid].get(mode="clip"),
+                                            (tabs[k], sls[k]))
+                        new.append(self.row_opt.apply(*mini, at, ug[:, e[i]:e[i + 1]], step))
+                        k += 1
+                # One all_gather: the virtual global ids and every table's new rows and slots.
+                vg = jnp.where(uids < pk.v, me * pk.v + uids, n_dev * pk.v)
+                leaves, treedef = jax.tree.flatten(new)
+                packable = all(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize <= 4
+                               for x in leaves)
+                if packable:
+                    flat = [x.reshape(x.shape[0], -1) for x in leaves]
+                    widths = [x.shape[1] for x in flat]
+                    got = jax.lax.all_gather(
+                        jnp.concatenate([bits(vg)] + [x.astype(g.dtype) for x in flat], 1),
+                        axes, tiled=True)
+                    all_vg, off, gathered = ints(got[:, 0]), 1, []
+                    for x, w in zip(leaves, widths):
+                        gathered.append(got[:, off:off + w].reshape((-1,) + x.shape[1:])
+                                        .astype(x.dtype))
+                        off += w
+                else:
+                    all_vg = jax.lax.all_gather(vg, axes, tiled=True)
+                    gathered = [jax.lax.all_gather(x, axes, tiled=True) for x in leaves]
+                gathered = jax.tree.unflatten(treedef, gathered)
+                dest = all_vg // pk.v
+                out_t, out_s, k = [], [], 0
+                for gi, (member, row) in enumerate(pk.local(all_vg - dest * pk.v)):
+                    gid = jnp.where(member & (all_vg < n_dev * pk.v), dest * pk.n[gi] + row,
+                                    pk.num_rows[gi])
+                    for _ in pk.names[gi]:
+                        nt, ns = gathered[k]
+                        put = lambda full, x: full.at[gid].set(x, mode="drop")  # noqa: E731
+                        out_t.append(put(tabs[k], nt))
+                        out_s.append(jax.tree.map(put, sls[k], ns))
+                        k += 1
                 return out_t, out_s
 
-            return self._rounds(_Plan(ids, n * n_dev, n_dev, self.capacity(ids.shape[0])),
-                                axes, one_round, (tabs, sls))
+            def one_round(send_ids, slot, carry):
+                recv_g, recv_ids, _ = exchange(send_ids, slot, None)
+                return apply(recv_ids, recv_g, carry)
 
-        return self._shard_update(body, self._slice_spec, self._pad, feats, names, tables, slots,
-                                  batch, grads, step)
+            carry = (tabs, sls)
+            if plan.capacity >= plan.k:                       # a slice always fits: one round
+                return self._rounds(plan, axes, one_round, carry)
+            # First round with each device's "I overflow" flag riding along; applied only
+            # if it held every id, else skewed ids (rare) take the rounds.
+            full = jnp.full((n_dev,), plan.n, jnp.int32)
+            send_ids, slot = plan.round(jnp.zeros_like(full), full)
+            recv_g, recv_ids, fits = exchange(send_ids, slot, plan.overflows())
+            carry = apply(jnp.where(fits, recv_ids, pk.v), recv_g, carry)
+            return self._rounds(plan, axes, one_round, carry, done=fits)
+
+        del names
+        return self._packed_update(pk, body, tables, slots, batch, grads, step)
 
     # ------------------------------------------------------------------ diagnostics
     def rounds(self, tables: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
         """``{group's first table: int}``: how many routing rounds ``batch``'s update takes
-        there (routed groups only; 1 unless some device exceeds its capacity for an owner)."""
+        there (routed groups only; groups routed together report the same count; 1 unless
+        some device exceeds its capacity for an owner)."""
         out = {}
-        for (feats, ra), names in self.groups:
-            if not self.routed[names[0]]:
-                continue
-            num_rows = tables[names[0]].shape[0]
+        for ra, members in self.routed_sets:
+            pk = self._packing(members, tables, exact=True)
+            feats = [f for fs in pk.feats for f in fs]
+            n_dev = self.num_devices
 
             def body(ids_parts):
-                return self._rounds(self._plan(jnp.concatenate(ids_parts), num_rows), ra,
-                                    lambda send_ids, slot, c: c + 1, jnp.int32(0))
+                vids = pk.virtual_ids(ids_parts)
+                plan = _Plan(vids, n_dev * pk.v, n_dev, self.capacity(vids.shape[0]))
+                return self._rounds(plan, ra, lambda send_ids, slot, c: c + 1, jnp.int32(0))
 
             f = jax.shard_map(body, mesh=self.mesh, in_specs=([self._slice_spec()] * len(feats),),
                               out_specs=P(), check_vma=False)
-            out[names[0]] = int(jax.jit(f)([self._pad(batch[f], -1) for f in feats]))
+            count = int(jax.jit(f)([self._pad(batch[f], -1) for f in feats]))
+            out.update({names[0]: count for names in pk.names})
         return out
