@@ -520,7 +520,8 @@ class PrivacyConfig:
     accountant: Accountant = Accountant.rdp
     seed: Optional[int] = None               # sampling and noise seed; null: the run's seed
     users_per_step: int = 256                # DP-SGD: expected users per step (Poisson, q=·/users)
-    max_examples_per_user: int = 256         # DP-SGD: a user's examples kept (sampled once)
+    max_examples_per_user: int = 256         # DP-SGD: a user's examples kept (sampled once);
+    #                                          next_item: targets of the user's one window per step
 
 
 @dataclasses.dataclass
