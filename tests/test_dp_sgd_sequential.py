@@ -5,6 +5,7 @@ resume of a DP-SGD run (sequential and MF)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import jax
@@ -187,16 +188,20 @@ def _metrics(run):
     return {k: v for k, v in m.items() if not k.startswith("perf/")}
 
 
-def _same_seed_and_resume(tmp_path, over):
+def _same_seed_and_resume(tmp_path, caplog, over):
     """Two uninterrupted runs and one stopped after an epoch then restarted from its
     checkpoint give the same metrics and parameters."""
     full = [tmp_path / "a", tmp_path / "b"]
     for d in full:
         train(d, over)
     cut = tmp_path / "cut"
-    first = train(cut, [*over, f"trainer.max_steps={_metrics(full[0])['train/steps'] // 2}"])
-    assert first["train/steps"] < _metrics(full[0])["train/steps"]
-    train(cut, over)                                   # the same command: resumes
+    half = _metrics(full[0])["train/steps"] // 2
+    first = train(cut, [*over, f"trainer.max_steps={half}"])
+    assert first["train/steps"] == half
+    with caplog.at_level(logging.INFO, logger="jaxreco"):
+        train(cut, over)                               # the same command: resumes
+    assert f"step {half}" in "".join(r.getMessage() for r in caplog.records
+                                     if r.getMessage().startswith("resumed from"))
     ref = _state(full[0])
     for d in (full[1], cut):
         assert _metrics(d) == _metrics(full[0])
@@ -205,18 +210,18 @@ def _same_seed_and_resume(tmp_path, over):
 
 
 @pytest.mark.slow
-def test_sequential_dp_sgd_same_seed_same_run_and_resume_equals_uninterrupted(tmp_path,
-                                                                              monkeypatch):
+def test_sequential_dp_sgd_same_seed_same_run_and_resume_equals_uninterrupted(
+        tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("JAXRECO_CACHE", str(tmp_path / "cache"))
-    _same_seed_and_resume(tmp_path, _over(tmp_path, "trainer.epochs=2",
+    _same_seed_and_resume(tmp_path, caplog, _over(tmp_path, "trainer.epochs=2",
                                           "privacy.epsilon=null", "privacy.noise_multiplier=1"))
 
 
 @pytest.mark.slow
-def test_mf_dp_sgd_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_mf_dp_sgd_resume_equals_uninterrupted(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("JAXRECO_CACHE", str(tmp_path / "cache"))
     d = write_ratings_dat(tmp_path / "ml", num_users=40, num_items=60, n=1500)
-    _same_seed_and_resume(tmp_path, [
+    _same_seed_and_resume(tmp_path, caplog, [
         "experiment=ml1m_mf_dp", f"dataset.path={d}", "model.dim=8", "trainer.epochs=2",
         "trainer.progress_bar=false", "logger.tensorboard=false", "privacy.users_per_step=12",
         "privacy.max_examples_per_user=20", "privacy.epsilon=null", "privacy.noise_multiplier=1"])
