@@ -642,25 +642,40 @@ class ShardedTables:
                                             (tabs[k], sls[k]))
                         new.append(self.row_opt.apply(*mini, at, ug[:, e[i]:e[i + 1]], step))
                         k += 1
-                # One all_gather: the virtual global ids and every table's new rows and slots.
+                # One all_gather: the virtual global ids and every group's new rows and
+                # slots, groups overlaid in the same columns (an id belongs to one group).
                 vg = jnp.where(uids < pk.v, me * pk.v + uids, n_dev * pk.v)
                 leaves, treedef = jax.tree.flatten(new)
-                packable = all(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize <= 4
-                               for x in leaves)
-                if packable:
-                    flat = [x.reshape(x.shape[0], -1) for x in leaves]
-                    widths = [x.shape[1] for x in flat]
-                    got = jax.lax.all_gather(
-                        jnp.concatenate([bits(vg)] + [x.astype(g.dtype) for x in flat], 1),
-                        axes, tiled=True)
-                    all_vg, off, gathered = ints(got[:, 0]), 1, []
-                    for x, w in zip(leaves, widths):
-                        gathered.append(got[:, off:off + w].reshape((-1,) + x.shape[1:])
-                                        .astype(x.dtype))
-                        off += w
+                per_group, k = [], 0
+                for names_g in pk.names:
+                    per_group.append(sum((jax.tree.leaves(new[k + i])
+                                          for i in range(len(names_g))), []))
+                    k += len(names_g)
+                if all(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize <= 4
+                       for x in leaves):
+                    cols = [[x.reshape(x.shape[0], -1).astype(g.dtype) for x in lv]
+                            for lv in per_group]
+                    width = max(sum(c.shape[1] for c in cs) for cs in cols)
+                    buf = None
+                    for (member, _), cs in zip(pk.local(uids), cols):
+                        c = jnp.concatenate(cs, 1)
+                        c = jnp.pad(c, [(0, 0), (0, width - c.shape[1])])
+                        buf = c if buf is None else jnp.where(member[:, None], c, buf)
+                    got = jax.lax.all_gather(jnp.concatenate([bits(vg), buf], 1), axes,
+                                             tiled=True)
+                    all_vg, gathered = ints(got[:, 0]), []
+                    for lv in per_group:
+                        off = 1
+                        for x in lv:
+                            w = math.prod(x.shape[1:])
+                            gathered.append(got[:, off:off + w].reshape((-1,) + x.shape[1:])
+                                            .astype(x.dtype))
+                            off += w
                 else:
                     all_vg = jax.lax.all_gather(vg, axes, tiled=True)
-                    gathered = [jax.lax.all_gather(x, axes, tiled=True) for x in leaves]
+                    gathered = [jax.lax.all_gather(x, axes, tiled=True)
+                                for lv in per_group for x in lv]
+                # per_group flattens each table's (rows, slots) in order: the same as leaves.
                 gathered = jax.tree.unflatten(treedef, gathered)
                 dest = all_vg // pk.v
                 out_t, out_s, k = [], [], 0
