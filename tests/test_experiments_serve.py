@@ -29,7 +29,7 @@ SLOW = {"synthetic_session_sasrec", "instacart_sasrec", "ask_instacart", "dp_ial
         "instacart_complement", "ml1m_ncf_neumf_pretrained", "ml1m_ncf_mf_rendle",
         "ml1m_ncf_mf_lazy_adam", "zozotown_ope", "synthetic_ctr", "ab_simulated", "ml1m_mf_dp",
         "synthetic_coupons", "zozotown_ctr", "ml1m_ncf_mlp", "ml1m_ncf_gmf", "ml1m_ncf_mf",
-        "ml1m_ncf_mf_uniform", "ml1m_mf", "ml1m_sasrec"}
+        "ml1m_ncf_mf_uniform", "ml1m_mf", "ml1m_sasrec", "ml1m_sasrec_dp"}
 EXPERIMENTS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
                for n in sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))]
 SMALL = ["trainer.epochs=1", "trainer.batch_size=64", "trainer.progress_bar=false",
