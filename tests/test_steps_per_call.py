@@ -13,6 +13,7 @@ from jaxreco import config as config_lib
 from jaxreco.train import loop as loop_lib
 from tests.conftest import write_u_data
 from tests.support import compose_train, train
+from tests.test_experiments_serve import SMALL, _overrides
 
 # 3000 ratings -> 2550 train rows at batch 64: 39 steps per epoch (not a multiple of 4);
 # logs every 7 steps, checkpoints every 10: groups of 4 are cut at 7, 10, 14, 20, 21, 28, 30, 35, 39, ...
@@ -65,6 +66,25 @@ def test_four_steps_per_call_give_the_run_of_one_step_per_call(tmp_path, ml_dir,
     # checkpoints at the same steps: every 10, and each epoch end (39, 78)
     assert _checkpoints(tmp_path / "k4") == _checkpoints(want_dir)
     assert {10, 20, 39, 70, 78} <= set(_checkpoints(tmp_path / "k4"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment, extra", [
+    ("ml1m_ncf_gmf", []),                                   # implicit: sampled negatives
+    ("ml1m_sasrec", ["trainer.batch_size=12"]),             # next_item: [batch, L] columns
+    ("synthetic_ctr", []),                                  # ctr: side features, heads
+    ("ml100k_mf", ["mesh=dp", "mesh.axes.data=2"]),
+    ("ml100k_mf", ["mesh=mp", "mesh.axes.model=2"]),
+])
+def test_every_gradient_task_and_mesh_gives_the_same_run_with_groups(tmp_path, experiment,
+                                                                     extra):
+    over = [f"experiment={experiment}", *SMALL, "trainer.epochs=2",
+            "trainer.log_every_steps=3", *_overrides(experiment, tmp_path)]
+    over = [o for o in over if not (extra and o.startswith("mesh.axes"))] + extra
+    runs = {k: train(tmp_path / f"k{k}", [*over, f"trainer.steps_per_call={k}"]) for k in (1, 4)}
+    assert runs[1]["train/steps"] > 4 and runs[1]["train/steps"] % 4 != 0
+    _close({k: v for k, v in runs[4].items() if not k.startswith("perf/")},
+           {k: v for k, v in runs[1].items() if not k.startswith("perf/")})
 
 
 def test_preempted_inside_a_group_saves_and_resumes_to_the_same_run(tmp_path, ml_dir,
