@@ -12,7 +12,9 @@ state) on synthetic uniformly random ids. Prints ``name: value`` lines:
   table_scaling_ratio         step time at the largest / smallest row count (≤ 1.5: the step
                               cost does not grow with the catalogue)
   <mesh>_examples_per_s       per mesh preset, on ``--devices`` devices (CPU: fake devices)
-  cpu_dp_mp_vs_single         dp_mp / single examples/s
+  cpu_dp_mp_vs_single         dp_mp / single examples/s (``cpu_dp_vs_single``, ``cpu_mp_vs_single``
+                              likewise)
+  load_average_1m             the machine's load when the run ended (other jobs share the cores)
   mf_examples_per_s_<N>_rows  on a GPU, per row count
 
 ``--peers`` instead runs the ``ml1m_mf`` experiment's settings against LibMF (PyPI ``libmf``,
@@ -433,6 +435,10 @@ def main() -> None:
               f"{a.mesh_rows} rows]", flush=True)
     if "single" in per_mesh and "dp_mp" in per_mesh:
         print(f"{'cpu_' if not gpu else ''}dp_mp_vs_single: {per_mesh['dp_mp'] / per_mesh['single']:.3f}")
+    for m in ("dp", "mp"):
+        if "single" in per_mesh and m in per_mesh:
+            print(f"{'cpu_' if not gpu else ''}{m}_vs_single: {per_mesh[m] / per_mesh['single']:.3f}")
+    print(f"load_average_1m: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
