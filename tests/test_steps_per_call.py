@@ -11,9 +11,10 @@ import pytest
 
 from jaxreco import config as config_lib
 from jaxreco.train import loop as loop_lib
-from tests.conftest import write_u_data
+from tests.conftest import run_cli, write_u_data
 from tests.support import compose_train, train
 from tests.test_experiments_serve import SMALL, _overrides
+from tests.test_multiprocess import ARGS as MP_ARGS, _launch, _metrics
 
 # 3000 ratings -> 2550 train rows at batch 64: 39 steps per epoch (not a multiple of 4);
 # logs every 7 steps, checkpoints every 10: groups of 4 are cut at 7, 10, 14, 20, 21, 28, 30, 35, 39, ...
@@ -85,6 +86,24 @@ def test_every_gradient_task_and_mesh_gives_the_same_run_with_groups(tmp_path, e
     assert runs[1]["train/steps"] > 4 and runs[1]["train/steps"] % 4 != 0
     _close({k: v for k, v in runs[4].items() if not k.startswith("perf/")},
            {k: v for k, v in runs[1].items() if not k.startswith("perf/")})
+
+
+@pytest.mark.slow
+def test_two_processes_with_groups_match_one_process_one_step_per_call(tmp_path, ml_dir):
+    """Stacked batches become global arrays from each process's rows."""
+    single = tmp_path / "single"
+    p = run_cli(["jaxreco.cli.train", f"dataset.path={ml_dir}", f"hydra.run.dir={single}",
+                 "mesh=single", *MP_ARGS], tmp_path, {"JAXRECO_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "two"
+    for pr in _launch(tmp_path, ml_dir, out, extra=["trainer.steps_per_call=4"]):
+        _, err = pr.communicate(timeout=300)
+        assert pr.returncode == 0, err[-3000:]
+    want, got = _metrics(single), _metrics(out)
+    assert got["train/steps"] % 4 != 0
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-5), k      # 1e-5: as two processes vs one
 
 
 def test_preempted_inside_a_group_saves_and_resumes_to_the_same_run(tmp_path, ml_dir,
