@@ -467,6 +467,17 @@ def make_dp_step(graphdef, tables: ShardedTables, loss_fn, dense_tx: optax.Gradi
     return step
 
 
+def _jit_step(task, ms, pl: Plan, windows: bool = False):
+    """The jitted :func:`make_dp_step` of ``task``'s loss on ``ms`` (state donated); with
+    ``windows`` its per-user gradients are :func:`make_window_gradients`'."""
+    values_shape = {t: int(v.shape[0]) for t, v in ms.state.table_values().items()}
+    loss_fn = task.loss_fn(ms.abstract_model)
+    grads = (make_window_gradients(ms.graphdef, ms.tables, loss_fn, values_shape)
+             if windows else None)
+    step = make_dp_step(ms.graphdef, ms.tables, loss_fn, ms.dense_tx, pl, values_shape, grads)
+    return jax.jit(step, out_shardings=(ms.shardings, None), donate_argnums=0)
+
+
 def build(cfg, task, ms, mesh):
     """``(step_fn(state, users) -> (state, metrics), next_batch(step) -> users, plan)`` for
     a ``privacy=dp`` run of ``task`` with a gradient optimizer (``ms``: the
@@ -479,10 +490,7 @@ def build(cfg, task, ms, mesh):
     blocks = user_blocks(cols, task.num_users, pl.max_examples_per_user, pl.seed)
     data = jax.device_put(blocks)
     chunk = chunk_size(pl)
-    values_shape = {t: int(v.shape[0]) for t, v in ms.state.table_values().items()}
-    step = make_dp_step(ms.graphdef, ms.tables, task.loss_fn(ms.abstract_model), ms.dense_tx,
-                        pl, values_shape)
-    jitted = jax.jit(step, out_shardings=(ms.shardings, None), donate_argnums=0)
+    jitted = _jit_step(task, ms, pl)
     log.info("privacy=dp (DP-SGD): (ε=%.4g, δ=%.3g) over %d steps (%s accountant); noise "
              "multiplier %.4g, clip C=%g, σC=%.4g; users sampled at q=%.4g (%.1f expected, "
              "chunks of %d); %d of %d examples kept (≤ %d per user); private (joint-DP) "
@@ -508,11 +516,7 @@ def _build_windows(cfg, task, ms, pl: Plan):
     each step (:func:`window_batch`), then one jitted DP step."""
     k = min(pl.max_examples_per_user, int(task.max_len))
     chunk = chunk_size(pl)
-    values_shape = {t: int(v.shape[0]) for t, v in ms.state.table_values().items()}
-    loss_fn = task.loss_fn(ms.abstract_model)
-    step = make_dp_step(ms.graphdef, ms.tables, loss_fn, ms.dense_tx, pl, values_shape,
-                        make_window_gradients(ms.graphdef, ms.tables, loss_fn, values_shape))
-    jitted = jax.jit(step, out_shardings=(ms.shardings, None), donate_argnums=0)
+    jitted = _jit_step(task, ms, pl, windows=True)
     log.info("privacy=dp (DP-SGD, %s): (ε=%.4g, δ=%.3g) over %d steps (%s accountant); noise "
              "multiplier %.4g, clip C=%g, σC=%.4g; users sampled at q=%.4g (%.1f expected, "
              "chunks of %d); one window per sampled user per step, at most %d targets of it "
