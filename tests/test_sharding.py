@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -327,3 +328,18 @@ def test_group_features_of_different_lengths_look_up_and_update_exactly(preset):
         out[name] = {t: np.asarray(v) for t, v in new_v.items()}
     for t in out["single"]:
         np.testing.assert_allclose(out[preset][t], out["single"][t], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("preset", ["dp_mp", "mp"])
+def test_a_step_routes_every_table_group_through_one_exchange(preset):
+    # MF's user and item groups share one routing: ids and rows travel once in the lookup
+    # and gradients once in the update (3 all_to_all, not 3 per group). (Capacity 8: one
+    # round always fits, so the step has no rounds loop.)
+    want = {"all-to-all": 3, "all-gather": 0}
+    axes, rules = _preset(preset)
+    mesh, state, step = _setup(axes, rules, "adagrad", capacity_factor=8.0)
+    b = {k: jax.ShapeDtypeStruct((BATCH,), v) for k, v in
+         (("user", jnp.int32), ("item", jnp.int32), ("rating", jnp.float32))}
+    hlo = step.lower(state, b).compile().as_text()
+    got = {op: len(re.findall(rf"\) {op}\(|\]\S* {op}\(", hlo)) for op in want}
+    assert got == want, got
