@@ -19,7 +19,9 @@ shard, further split over the mesh axes the batch is replicated on), so no work 
 
 The lookup returns its routing (``lookup_and_plan``) and the update of the same step reuses
 it: the ids are sorted and sent once per step, only the gradients travel back. All features
-of a group (e.g. a user id and a history of item ids) share one routing.
+of all routed groups on the same row axes (MF: user ids and item ids; a user id and a history
+of item ids) share one routing through one virtual row space (``_Packing``): a step has one
+ids and one rows ``all_to_all`` in the lookup and one gradients ``all_to_all`` in the update.
 
 Per device that is ``O(batch/N)`` work instead of ``O(batch/data)`` (lookup) and
 ``O(batch)`` (update). ``capacity = ceil(capacity_factor · slice / N)``. Skewed ids that
