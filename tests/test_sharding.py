@@ -19,7 +19,7 @@ from jaxreco.embedding import ShardedTables
 from jaxreco.models.mf import MF
 from jaxreco.sharding import batch_sharding, make_mesh
 from jaxreco.train.state import create_state, table_axes
-from jaxreco.train.step import make_multi_step, make_train_step
+from jaxreco.train.step import make_group_step, make_train_step
 
 GOLDEN = Path(__file__).parent / "golden" / "state_shardings.json"
 USERS, ITEMS, DIM, BATCH = 256, 128, 8, 64
@@ -72,20 +72,28 @@ def _train(preset, optimizer="lazy_adam"):
 
 
 @pytest.mark.parametrize("preset", ["single", pytest.param("dp_mp", marks=pytest.mark.slow)])
-def test_multi_step_scan_gives_the_parameters_of_one_call_per_step(preset):
+def test_group_step_gives_the_parameters_of_one_call_per_step(preset):
+    """trainer.steps_per_call's program (make_group_step) on sharded tables: full groups of
+    K = 5 and a shorter last group (count < K, the rest of the stack ignored) give the
+    parameters of one call per step."""
+    K = 5
     axes, rules = _preset(preset)
     _, want = _train((axes, rules))
     mesh, state, step = _setup(axes, rules)
     stacked_sharding = jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh, rules).spec))
-    multi = jax.jit(make_multi_step(step.raw), in_shardings=(step.shardings, stacked_sharding),
+    group = jax.jit(make_group_step(step.raw, K),
+                    in_shardings=(step.shardings, stacked_sharding, None),
                     out_shardings=(step.shardings, None), donate_argnums=0)
     batches = _batches()
-    for i in range(0, len(batches), 4):
-        group = {k: np.stack([b[k] for b in batches[i:i + 4]]) for k in batches[0]}
-        state, m = multi(state, group)
+    assert len(batches) % K != 0                  # the last group is a short one
+    for i in range(0, len(batches), K):
+        part = batches[i:i + K]
+        part = part + [part[-1]] * (K - len(part))   # padding the program must ignore
+        stack = {k: np.stack([b[k] for b in part]) for k in batches[0]}
+        state, m = group(state, stack, np.int32(min(K, len(batches) - i)))
         jax.block_until_ready(state)
-    assert m["loss"].shape == (4,) and int(state.step) == len(batches)
+    assert m["loss"].shape == (K,) and int(state.step) == len(batches)
     got, ref = _params(state), _params(want)
     for k in ref:
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)

@@ -61,19 +61,6 @@ def make_train_step(graphdef, tables: ShardedTables, loss_fn: LossFn,
     return train_step
 
 
-def make_multi_step(train_step):
-    """``multi_step(state, batches) -> (state, metrics)``: ``train_step`` applied to ``K``
-    batches stacked on a leading axis, one after another in a ``lax.scan``: the same
-    updates in the same order as ``K`` calls, in one dispatch. Worth it when a step is
-    short next to the cost of launching it (ML-1M MF at batch 1024 on the CPU: 0.53 ms per
-    step in scans of 8 against 0.90 ms per call). ``metrics``: each step's, stacked."""
-
-    def multi_step(state: TrainState, batches: Mapping[str, jax.Array]):
-        return jax.lax.scan(train_step, state, batches)
-
-    return multi_step
-
-
 def make_group_step(train_step, k: int):
     """``group_step(state, batches, count) -> (state, metrics)``: ``train_step`` applied to
     the first ``count`` (1..``k``, a traced int) of ``k`` batches stacked on a leading axis,
