@@ -6,10 +6,13 @@
 Runs the trainer's own jitted ``train_step`` (sharded lookup, row-sparse optimizer, donated
 state) on synthetic uniformly random ids. Prints ``name: value`` lines:
 
-  step_ms_<rows>              median step time, ``single`` mesh, per row count
+  step_ms_<rows>              median step time, ``single`` mesh, per row count; every config
+                              is timed once per round, round-robin (``--repeats`` rounds), so
+                              a slow spell of a shared machine hits all of them alike
   mf_examples_per_s_rows_<rows>  the same as examples/s (every platform)
   train_examples_per_s        ``single`` at the smallest row count
-  table_scaling_ratio         step time at the largest / smallest row count (≤ 1.5: the step
+  table_scaling_ratio         step time at the largest / smallest row count, the median of the
+                              rounds' ratios (≤ 1.5: the step
                               cost does not grow with the catalogue)
   <mesh>_examples_per_s       per mesh preset, on ``--devices`` devices (CPU: fake devices)
   cpu_dp_mp_vs_single         dp_mp / single examples/s (``cpu_dp_vs_single``, ``cpu_mp_vs_single``
@@ -120,9 +123,9 @@ def preset(name: str):
     return dict(cfg.mesh.axes), dict(cfg.mesh.rules)
 
 
-def bench(mesh_name: str, rows: int, batch: int, dim: int, optimizer: str, steps: int,
-          repeats: int) -> float:
-    """Median seconds per step."""
+def make_bench(mesh_name: str, rows: int, batch: int, dim: int, optimizer: str, steps: int):
+    """A compiled, warmed-up train step on ``mesh_name``; returns ``time_once() -> seconds
+    per step`` over ``steps`` steps (call it repeatedly, interleaved with other configs)."""
     axes, rules = preset(mesh_name)
     mesh = make_mesh(axes)
     row_opt = optim.row_optimizer(optimizer, lr=0.01)
@@ -150,17 +153,34 @@ def bench(mesh_name: str, rows: int, batch: int, dim: int, optimizer: str, steps
     for b in batches[:3]:                                     # compile + warm up
         state, _ = step(state, b)
     jax.block_until_ready(state)
-    times = []
-    for _ in range(repeats):
+    holder = [state]
+
+    def time_once() -> float:
+        state = holder.pop()
         t = time.perf_counter()
         for k in range(steps):
             state, _ = step(state, batches[k % len(batches)])
             if multi_cpu:       # the trainer syncs every step on multi-device CPU (see loop.py)
                 jax.block_until_ready(state)
         jax.block_until_ready(state)
-        times.append((time.perf_counter() - t) / steps)
-    del state
-    return statistics.median(times)
+        holder.append(state)
+        return (time.perf_counter() - t) / steps
+
+    return time_once
+
+
+def interleaved(benches: dict, repeats: int) -> tuple[dict, list[dict]]:
+    """Each of ``benches`` (name -> ``time_once``) timed once per round, ``repeats`` rounds,
+    round-robin: a slow spell of a shared machine hits every config alike. Returns the
+    median seconds per step of each and the per-round times (for ratios of medians of
+    per-round ratios)."""
+    rounds = [{n: f() for n, f in benches.items()} for _ in range(repeats)]
+    return {n: statistics.median(r[n] for r in rounds) for n in benches}, rounds
+
+
+def round_ratio(rounds: list[dict], num: str, den: str) -> float:
+    """Median over rounds of ``rounds[i][num] / rounds[i][den]`` (same-round pairs)."""
+    return statistics.median(r[num] / r[den] for r in rounds)
 
 
 # ---------------------------------------------------------------------- --peers: vs LibMF
@@ -416,9 +436,10 @@ def main() -> None:
     print(f"device: {dev.device_kind} ({dev.platform}) x{jax.device_count()}")
     print(f"config: batch={a.batch} dim={a.dim} optimizer={a.optimizer} "
           f"tables=2x(rows,{a.dim})+2x(rows,1)")
-    times = {}
+    times, rounds = interleaved(
+        {rows: make_bench("single", rows, a.batch, a.dim, a.optimizer, a.steps)
+         for rows in sorted(a.rows)}, a.repeats)
     for rows in sorted(a.rows):
-        times[rows] = bench("single", rows, a.batch, a.dim, a.optimizer, a.steps, a.repeats)
         print(f"step_ms_{rows}: {times[rows] * 1e3:.3f}", flush=True)
         print(f"mf_examples_per_s_rows_{rows}: {a.batch / times[rows]:.0f}", flush=True)
         if gpu:
@@ -426,18 +447,19 @@ def main() -> None:
                   f"[{dev.device_kind}]", flush=True)
     lo, hi = min(times), max(times)
     print(f"train_examples_per_s: {a.batch / times[lo]:.0f}")
-    print(f"table_scaling_ratio: {times[hi] / times[lo]:.3f}")
-    per_mesh = {}
+    print(f"table_scaling_ratio: {round_ratio(rounds, hi, lo):.3f}")
+    del rounds
+    benches = {m: make_bench(m, a.mesh_rows, a.batch, a.dim, a.optimizer, a.steps)
+               for m in a.meshes}
+    mesh_times, mesh_rounds = interleaved(benches, a.repeats)
+    per_mesh = {m: a.batch / mesh_times[m] for m in a.meshes}
     for m in a.meshes:
-        per_mesh[m] = a.batch / bench(m, a.mesh_rows, a.batch, a.dim, a.optimizer, a.steps,
-                                      a.repeats)
         print(f"{m}_examples_per_s: {per_mesh[m]:.0f}  [{dev.device_kind} x{jax.device_count()}, "
               f"{a.mesh_rows} rows]", flush=True)
-    if "single" in per_mesh and "dp_mp" in per_mesh:
-        print(f"{'cpu_' if not gpu else ''}dp_mp_vs_single: {per_mesh['dp_mp'] / per_mesh['single']:.3f}")
-    for m in ("dp", "mp"):
+    for m in ("dp_mp", "dp", "mp"):        # examples/s ratio = single's time / m's time
         if "single" in per_mesh and m in per_mesh:
-            print(f"{'cpu_' if not gpu else ''}{m}_vs_single: {per_mesh[m] / per_mesh['single']:.3f}")
+            print(f"{'cpu_' if not gpu else ''}{m}_vs_single: "
+                  f"{round_ratio(mesh_rounds, 'single', m):.3f}")
     print(f"load_average_1m: {os.getloadavg()[0]:.2f}")
 
 
