@@ -60,7 +60,7 @@ def built(tmp_path_factory):
     v = st.table_values()["item_embed"]
     tables["item_embed"] = st.tables["item_embed"].replace(
         0.5 * jax.random.normal(jax.random.key(1), v.shape))
-    return dict(task=task, ms=ms, pl=pl, rows=rows, loss_fn=loss_fn, ug=ug, step=step,
+    return dict(tmp=tmp, task=task, ms=ms, pl=pl, rows=rows, loss_fn=loss_fn, ug=ug, step=step,
                 batch=batch, nobody=nobody, state=st.replace(tables=tables))
 
 
@@ -86,6 +86,17 @@ def test_windows_hold_one_window_per_user_and_at_most_k_targets(built):
         w = xs["seq_item"][0][u]
         w = w[w >= 0]
         assert any(np.array_equal(seq[i:i + len(w)], w) for i in range(len(seq) - len(w) + 1))
+
+
+def test_the_plan_reports_the_bound_a_window_actually_has(built):
+    """k in the plan (and in metrics.json's privacy/max_examples_per_user) is min(k, L): a
+    window holds at most L targets whatever privacy.max_examples_per_user says."""
+    task, ms = built["task"], built["ms"]
+    for k, want in ((4, 4), (L, L), (1000, L)):
+        cfg = compose_train(_over(built["tmp"], f"privacy.max_examples_per_user={k}"))
+        pl = dp_sgd.task_plan(cfg, task, ms)
+        assert pl.max_examples_per_user == want
+        assert pl.metrics(1)["privacy/max_examples_per_user"] == want
 
 
 def test_each_users_clipped_contribution_is_at_most_C_and_is_what_the_step_adds(built):

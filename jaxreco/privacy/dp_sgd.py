@@ -147,10 +147,12 @@ def steps_per_epoch(privacy_cfg, num_users: int) -> int:
     return max(1, math.ceil(1.0 / sampling_rate(privacy_cfg, num_users)))
 
 
-def plan(privacy_cfg, *, num_users: int, steps: int, seed: int) -> Plan:
+def plan(privacy_cfg, *, num_users: int, steps: int, seed: int,
+         max_examples: int | None = None) -> Plan:
     """The :class:`Plan` of a ``privacy`` config node: the noise multiplier given, or
     calibrated to ``privacy.epsilon`` over ``steps`` sampled steps; δ defaults to
-    1/num_users."""
+    1/num_users. ``max_examples``: a bound the task itself puts on a user's examples per
+    step (a window task: its ``max_len`` targets); the plan's k is the smaller of the two."""
     pc = privacy_cfg
     delta = float(pc.delta) if pc.delta is not None else 1.0 / max(int(num_users), 2)
     acc = str(getattr(pc.accountant, "value", pc.accountant))
@@ -164,7 +166,9 @@ def plan(privacy_cfg, *, num_users: int, steps: int, seed: int) -> Plan:
         z = accounting.noise_multiplier(float(pc.epsilon), int(steps), delta, acc, q)
     c = float(pc.clip_norm)
     return Plan(noise_multiplier=z, clip_norm=c, noise_std=z * c, sampling_rate=q,
-                num_users=int(num_users), max_examples_per_user=int(pc.max_examples_per_user),
+                num_users=int(num_users),
+                max_examples_per_user=min(int(pc.max_examples_per_user),
+                                          int(max_examples or pc.max_examples_per_user)),
                 delta=delta, steps=int(steps),
                 epsilon=accounting.epsilon(z, int(steps), delta, acc, q), accountant=acc,
                 seed=int(seed if pc.seed is None else pc.seed))
@@ -467,6 +471,13 @@ def make_dp_step(graphdef, tables: ShardedTables, loss_fn, dense_tx: optax.Gradi
     return step
 
 
+def task_plan(cfg, task, ms) -> Plan:
+    """The :class:`Plan` of a DP-SGD run of ``task`` over the run's steps (a window task's
+    k is at most its ``max_len`` targets: what a user can contribute in one window)."""
+    return plan(cfg.privacy, num_users=task.num_users, steps=ms.total_steps, seed=int(cfg.seed),
+                max_examples=int(task.max_len) if task.kind in WINDOW_TASKS else None)
+
+
 def _jit_step(task, ms, pl: Plan, windows: bool = False):
     """The jitted :func:`make_dp_step` of ``task``'s loss on ``ms`` (state donated); with
     ``windows`` its per-user gradients are :func:`make_window_gradients`'."""
@@ -483,7 +494,7 @@ def build(cfg, task, ms, mesh):
     a ``privacy=dp`` run of ``task`` with a gradient optimizer (``ms``: the
     :class:`jaxreco.train.setup.ModelState`)."""
     check(cfg, task, mesh)
-    pl = plan(cfg.privacy, num_users=task.num_users, steps=ms.total_steps, seed=int(cfg.seed))
+    pl = task_plan(cfg, task, ms)
     if task.kind in WINDOW_TASKS:
         return _build_windows(cfg, task, ms, pl)
     cols = task.transform(dict(task.train_cols), 0, 0)
@@ -514,7 +525,7 @@ def build(cfg, task, ms, mesh):
 def _build_windows(cfg, task, ms, pl: Plan):
     """:func:`build` for a window task: the sampled users' windows are built on the host
     each step (:func:`window_batch`), then one jitted DP step."""
-    k = min(pl.max_examples_per_user, int(task.max_len))
+    k = pl.max_examples_per_user                # ≤ max_len (task_plan)
     chunk = chunk_size(pl)
     jitted = _jit_step(task, ms, pl, windows=True)
     log.info("privacy=dp (DP-SGD, %s): (ε=%.4g, δ=%.3g) over %d steps (%s accountant); noise "

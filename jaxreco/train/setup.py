@@ -187,8 +187,7 @@ def privacy_metrics(cfg: DictConfig, task, ms: ModelState, steps: int) -> dict[s
     if cfg.privacy.name != "dp":
         return {}
     if is_dp_sgd(cfg):
-        pl = dp_sgd.plan(cfg.privacy, num_users=task.num_users, steps=ms.total_steps,
-                         seed=int(cfg.seed))
+        pl = dp_sgd.task_plan(cfg, task, ms)
         out = pl.metrics(steps)
         log.info("privacy=dp (DP-SGD): (ε=%.4g, δ=%.3g)-DP after %d steps (noise multiplier "
                  "%.4g, q=%.4g)", out["privacy/epsilon"], pl.delta, steps, pl.noise_multiplier,
