@@ -83,6 +83,7 @@ class TableOptimizer(Choice):
     lazy_adam = "lazy_adam"
     adam = "adam"
     ials = "ials"
+    bpmf = "bpmf"
 
 
 class IALSSolver(Choice):
@@ -469,6 +470,10 @@ class OptimizerConfig:
     # row, warm-started from the current row; Takács et al. 2011, what `implicit` does)
     solver: IALSSolver = IALSSolver.cholesky
     cg_steps: int = 3
+    # name=bpmf only (jaxreco/train/bpmf.py, Gibbs sampling of the biased MF): the tables
+    # average the draws after burn_in sweeps; the noise precision α starts at noise_precision
+    burn_in: int = 20
+    noise_precision: float = 2.0
 
 
 @dataclasses.dataclass
@@ -657,6 +662,8 @@ TRAIN_RANGES: dict[str, Range] = {
     "optimizer.recency_half_life": POSITIVE,
     "optimizer.recency_weight": NONNEGATIVE,
     "optimizer.cg_steps": POSITIVE_INT,
+    "optimizer.burn_in": COUNT,
+    "optimizer.noise_precision": POSITIVE,
     "privacy.epsilon": Range(lo=0, lo_open=True, nullable=True),
     "privacy.noise_multiplier": Range(lo=0, lo_open=True, nullable=True),
     "privacy.delta": Range(lo=0, hi=1, lo_open=True, hi_open=True, nullable=True),
@@ -794,7 +801,7 @@ def validate(cfg: Any) -> None:
         return
     check_ranges(cfg, TRAIN_RANGES)
     opt = cfg["optimizer"]
-    if opt["name"] != TableOptimizer.ials:
+    if opt["name"] not in (TableOptimizer.ials, TableOptimizer.bpmf):
         # 0 is allowed: a run that keeps its initial (e.g. pre-trained) parameters
         check_ranges(cfg, {"optimizer.lr": NONNEGATIVE, "optimizer.dense_lr": NONNEGATIVE})
     if cfg["task"]["kind"] == TaskKind.implicit:
@@ -814,6 +821,9 @@ def validate(cfg: Any) -> None:
     if len(free) > 1:
         raise ValueError(f"mesh.axes={axes}: at most one axis may be -1, got {free}")
     priv = _get(cfg, "privacy")
+    if priv is not _ABSENT and priv["name"] == PrivacyKind.dp and opt["name"] == TableOptimizer.bpmf:
+        raise ValueError("privacy=dp with optimizer=bpmf: the Gibbs sampler has no privacy "
+                         "accounting; use privacy=none, or a gradient optimizer (DP-SGD)")
     if priv is not _ABSENT and priv["name"] == PrivacyKind.dp:
         if (priv["epsilon"] is None) == (priv["noise_multiplier"] is None):
             raise ValueError(f"privacy=dp: give exactly one of privacy.epsilon (got "
@@ -824,6 +834,9 @@ def validate(cfg: Any) -> None:
         if opt["name"] == TableOptimizer.ials:
             raise ValueError(f"trainer.steps_per_call={spc} with optimizer=ials: an iALS step "
                              "is a whole epoch already; set trainer.steps_per_call=1")
+        if opt["name"] == TableOptimizer.bpmf:
+            raise ValueError(f"trainer.steps_per_call={spc} with optimizer=bpmf: a BPMF step "
+                             "is a whole Gibbs sweep already; set trainer.steps_per_call=1")
         if priv is not _ABSENT and priv["name"] == PrivacyKind.dp:
             raise ValueError(f"trainer.steps_per_call={spc} with privacy=dp: DP-SGD has its "
                              "own step (sampled users); set trainer.steps_per_call=1")

@@ -22,6 +22,8 @@ usual choice for embeddings (TF ``LazyAdam``, FBGEMM's row-wise optimizers).
                     their momentum): dense Adam, ``O(rows · dim)`` per step, for small tables.
 * ``ials``:         not a gradient optimizer: alternating least squares over whole tables,
                     one solve per epoch (``jaxreco.train.ials``).
+* ``bpmf``:         not a gradient optimizer: Bayesian MF, one Gibbs sweep over whole tables
+                    per epoch (``jaxreco.train.bpmf``).
 """
 
 from __future__ import annotations
@@ -223,8 +225,23 @@ def ials(lr: Any = None) -> RowOptimizer:
     return RowOptimizer("ials", init, apply)
 
 
+def bpmf(lr: Any = None) -> RowOptimizer:
+    """No per-batch update: ``optimizer=bpmf`` samples whole tables once per epoch
+    (``jaxreco.train.bpmf``). Its one slot, ``sample``, is the Gibbs chain's current draw of
+    the table (the table itself holds the average of the draws so far)."""
+    def init(table):
+        return {"sample": table}
+
+    def apply(table, slots, uids, g, step):
+        raise ValueError("optimizer.name='bpmf' has no gradient update: the trainer samples "
+                         "the tables with jaxreco.train.bpmf")
+
+    return RowOptimizer("bpmf", init, apply)
+
+
 ROW_OPTIMIZERS: dict[str, Callable[..., RowOptimizer]] = {
     "sgd": sgd, "adagrad": adagrad, "lazy_adam": lazy_adam, "adam": adam, "ials": ials,
+    "bpmf": bpmf,
 }
 
 

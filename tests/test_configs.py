@@ -129,7 +129,7 @@ def test_prepare_node_is_the_schema_defaults_as_plain_data():
 
 
 def test_rating_experiments_read_the_prepared_random_global_split():
-    for experiment in ("ml100k_mf", "ml1m_mf"):
+    for experiment in ("ml100k_mf", "ml1m_mf", "ml1m_mf_bpmf"):
         p = _compose([f"experiment={experiment}"]).task.prepare
         assert p.dedup == "none" and p.negatives.num == 0
         assert (p.split.kind, p.split.test_fraction, p.split.val_fraction, p.split.seed) == \
@@ -274,7 +274,7 @@ def test_unknown_key_is_rejected_naming_it(override, key):
     ("task.next_item.loss=softmax", "full, sampled"),
     ("task.sampler=pop", "uniform, popularity"),
     ("task.loss=mse", "bce, bpr"),
-    ("optimizer.name=adamw", "sgd, adagrad, lazy_adam, adam, ials"),
+    ("optimizer.name=adamw", "sgd, adagrad, lazy_adam, adam, ials, bpmf"),
     ("optimizer.dense_name=lazy_adam", "adam, adamw, sgd, adagrad"),
     ("optimizer.schedule=step", "constant, linear, cosine"),
     ("model=embed_mlp model.combiner=dott", "dot, gmf, mlp, both, linear"),

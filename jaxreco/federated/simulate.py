@@ -57,7 +57,7 @@ def simulate(cfg: DictConfig, *, num_clients: int, rounds: int, dp: bool = False
     if engine not in ("flower", "local"):
         raise ValueError(f"engine={engine!r}: must be 'flower' or 'local'")
     config_lib.validate(cfg)
-    if not setup.is_solver(cfg):
+    if cfg.optimizer.name != "ials":
         raise ValueError(f"federated iALS needs optimizer=ials; got optimizer.name="
                          f"{cfg.optimizer.name}")
     task = tasks_lib.build(cfg, tasks_lib.PreparedData.prepare(cfg))

@@ -64,6 +64,8 @@ class Side:
     row); ``counts[b]``: float32 ``[chunks, R]`` history lengths; one entry per bucket.
     ``weights[b]``: float32 ``[chunks, R, L]`` each positive's confidence ``c`` (0 on
     padding), or ``None`` when every positive weighs 1.
+    ``values[b]``: float32 ``[chunks, R, L]`` a value carried with each positive (a rating,
+    0 on padding), or ``None``.
     ``freq``: float32 ``[num_rows]`` every row's number of positives.
     """
 
@@ -75,6 +77,7 @@ class Side:
     num_cols: int
     nnz: int
     weights: tuple[np.ndarray, ...] | None = None
+    values: tuple[np.ndarray, ...] | None = None
 
     @property
     def padded(self) -> int:
@@ -84,9 +87,9 @@ class Side:
 def group_rows(row_ids: np.ndarray, col_ids: np.ndarray, num_rows: int, num_cols: int, *,
                pad_row: int, dim: int, chunk_elements: int = 1 << 21,
                gram_elements: int = 1 << 22, min_len: int = 8,
-               weights: np.ndarray | None = None) -> Side:
+               weights: np.ndarray | None = None, values: np.ndarray | None = None) -> Side:
     """Groups the positives ``(row_ids[k], col_ids[k])`` (confidence ``weights[k]``, default
-    1) by row into padded chunks.
+    1; any finite ``values[k]`` carried along, e.g. a rating) by row into padded chunks.
 
     A row with ``n`` positives goes to the shortest bucket of length ``L ≥ max(n, min_len)``;
     the bucket lengths are chosen by :func:`bucket_lengths` (as many buckets as powers of
@@ -111,14 +114,22 @@ def group_rows(row_ids: np.ndarray, col_ids: np.ndarray, num_rows: int, num_cols
         if len(weights) and not (np.isfinite(weights).all() and weights.min() > 0):
             raise ValueError(f"positive weights must be finite and > 0; got min "
                              f"{weights.min()}, max {weights.max()}")
+    if values is not None:
+        values = np.asarray(values, np.float64)
+        if values.shape != row_ids.shape:
+            raise ValueError(f"{len(values)} values for {len(row_ids)} positives")
+        if len(values) and not np.isfinite(values).all():
+            bad = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise ValueError(f"values must be finite; value {bad} is {values[bad]}")
     order = np.lexsort((col_ids, row_ids))
     cols_sorted = col_ids[order].astype(np.int32)
     w_sorted = None if weights is None else weights[order].astype(np.float32)
+    v_sorted = None if values is None else values[order].astype(np.float32)
     freq = np.bincount(row_ids, minlength=num_rows)
     starts = np.concatenate([[0], np.cumsum(freq)[:-1]])
     present = np.flatnonzero(freq)
     lens = bucket_lengths(freq[present], min_len)
-    rows_out, cols_out, counts_out, weights_out = [], [], [], []
+    rows_out, cols_out, counts_out, weights_out, values_out = [], [], [], [], []
     for L in np.unique(lens):
         rs = present[lens == L]
         cap = max(1, min(chunk_elements // (int(L) * dim), gram_elements // (dim * dim)))
@@ -134,12 +145,16 @@ def group_rows(row_ids: np.ndarray, col_ids: np.ndarray, num_rows: int, num_cols
         if w_sorted is not None:
             weights_out.append(np.where(pos < n[:, None], w_sorted[src], 0.0)
                                .reshape(n_chunks, R, int(L)).astype(np.float32))
+        if v_sorted is not None:
+            values_out.append(np.where(pos < n[:, None], v_sorted[src], 0.0)
+                              .reshape(n_chunks, R, int(L)).astype(np.float32))
         rows_out.append(r.reshape(n_chunks, R).astype(np.int32))
         cols_out.append(c.reshape(n_chunks, R, int(L)).astype(np.int32))
         counts_out.append(n.reshape(n_chunks, R).astype(np.float32))
     return Side(tuple(rows_out), tuple(cols_out), tuple(counts_out), freq.astype(np.float32),
                 num_rows, num_cols, len(row_ids),
-                None if weights is None else tuple(weights_out))
+                None if weights is None else tuple(weights_out),
+                None if values is None else tuple(values_out))
 
 
 def bucket_lengths(n: np.ndarray, min_len: int = 8, num_buckets: int | None = None

@@ -170,7 +170,7 @@ def train_and_evaluate(cfg: DictConfig, workdir: str | os.PathLike,
                 improved = v < loop["best_val"] if mode == "min" else v > loop["best_val"]
                 if improved:
                     loop.update(best_val=v, best_step=step, bad_epochs=0)
-                else:
+                elif step > setup.patience_starts(cfg):
                     loop["bad_epochs"] += 1
                 loop["history"].append({"step": step, f"val/{select}": v,
                                         "train/loss": loop["last_loss"]})

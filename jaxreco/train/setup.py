@@ -20,7 +20,7 @@ from jaxreco.data import pipeline
 from jaxreco.distributed import to_global
 from jaxreco.embedding import ShardedTables
 from jaxreco.privacy import dp_ials, dp_sgd
-from jaxreco.train import ials
+from jaxreco.train import bpmf, ials
 from jaxreco.train.state import create_state, table_axes
 from jaxreco.train.step import make_group_step, make_train_step
 
@@ -42,8 +42,14 @@ class ModelState(NamedTuple):
 
 
 def is_solver(cfg: DictConfig) -> bool:
-    """``optimizer=ials``: one step = one epoch of alternating least squares."""
-    return cfg.optimizer.name == "ials"
+    """``optimizer=ials`` or ``bpmf``: one step = one epoch over whole tables (alternating
+    least squares, or one Gibbs sweep), no learning rate."""
+    return cfg.optimizer.name in ("ials", "bpmf")
+
+
+def is_bpmf(cfg: DictConfig) -> bool:
+    """``optimizer=bpmf``: Bayesian MF by Gibbs sampling (:mod:`jaxreco.train.bpmf`)."""
+    return cfg.optimizer.name == "bpmf"
 
 
 def is_dp_sgd(cfg: DictConfig) -> bool:
@@ -59,9 +65,19 @@ def model_state(cfg: DictConfig, task, mesh) -> ModelState:
     tc, rules = cfg.trainer, dict(cfg.mesh.rules)
     n_train = len(next(iter(task.train_cols.values())))
     solver = is_solver(cfg)
-    if solver and task.kind != "implicit":
+    if is_bpmf(cfg):
+        if task.kind != "rating":
+            raise ValueError(f"optimizer=bpmf samples a rating model; task.kind={task.kind!r} "
+                             "needs a gradient optimizer (sgd, adagrad, lazy_adam, adam) or, "
+                             "for implicit feedback, optimizer=ials")
+        if cfg.privacy.name == "dp":
+            raise ValueError("optimizer=bpmf with privacy=dp: the Gibbs sampler has no "
+                             "privacy accounting; use privacy=none, or a gradient optimizer "
+                             "(DP-SGD) for a private rating model")
+    elif solver and task.kind != "implicit":
         raise ValueError(f"optimizer=ials fits implicit feedback; task.kind={task.kind!r} "
-                         "needs a gradient optimizer (sgd, adagrad, lazy_adam, adam)")
+                         "needs a gradient optimizer (sgd, adagrad, lazy_adam, adam), or "
+                         "optimizer=bpmf for ratings")
     steps_per_epoch = 1 if solver else pipeline.batches_per_epoch(n_train, tc.batch_size)
     if is_dp_sgd(cfg):                   # an epoch: ⌈1/q⌉ steps of Poisson-sampled users
         steps_per_epoch = dp_sgd.steps_per_epoch(cfg.privacy, task.num_users)
@@ -74,9 +90,12 @@ def model_state(cfg: DictConfig, task, mesh) -> ModelState:
     sched = cfg.optimizer.get("schedule", "constant")
     table_lr = optim.schedule(cfg.optimizer.lr, sched, tc.epochs * steps_per_epoch)
     row_opt = optim.row_optimizer(cfg.optimizer.name, lr=table_lr)
-    dense_tx = optim.dense_optimizer(
-        cfg.optimizer.dense_name,
-        optim.schedule(cfg.optimizer.dense_lr, sched, tc.epochs * steps_per_epoch))
+    if is_bpmf(cfg):                     # the chain's noise precision α, no update
+        dense_tx = bpmf.noise_state(float(cfg.optimizer.noise_precision))
+    else:
+        dense_tx = optim.dense_optimizer(
+            cfg.optimizer.dense_name,
+            optim.schedule(cfg.optimizer.dense_lr, sched, tc.epochs * steps_per_epoch))
     model_fn = dp_sgd.public_model_fn(cfg, task) if is_dp_sgd(cfg) else task.model_fn()
     graphdef, state, shardings = create_state(model_fn, row_opt, dense_tx, mesh, rules)
     abstract_model = nnx.eval_shape(model_fn)
@@ -98,7 +117,7 @@ def train_step(cfg: DictConfig, task, ms: ModelState, mesh, in_sharding, shard: 
     whole bucketed interaction data and solves one epoch (:func:`jaxreco.train.ials.make_epoch`).
     """
     if is_solver(cfg):
-        step_fn, data = ials_step(cfg, task, ms, mesh)
+        step_fn, data = (bpmf_step if is_bpmf(cfg) else ials_step)(cfg, task, ms, mesh)
         return step_fn, None, lambda step: data
     if is_dp_sgd(cfg):                   # sampled users, drawn from (seed, step): no iterator
         step_fn, next_users, _ = dp_sgd.build(cfg, task, ms, mesh)
@@ -181,6 +200,24 @@ def ials_step(cfg: DictConfig, task, ms: ModelState, mesh):
     return step_fn, data
 
 
+def bpmf_step(cfg: DictConfig, task, ms: ModelState, mesh):
+    """One Gibbs sweep as a step: ``(step_fn, data)`` with the training ratings grouped by
+    user and by item (:func:`jaxreco.train.bpmf.build_sides`)."""
+    am, cols = ms.abstract_model, task.train_cols
+    bpmf.check_model(cfg.model, am)
+    users, items = bpmf.build_sides(cols["user"], cols["item"], cols["rating"], task.num_users,
+                                    task.num_items, user_rows=int(am.user_embed.shape[0]),
+                                    item_rows=int(am.item_embed.shape[0]),
+                                    dim=int(am.user_embed.shape[1]))
+    data = jax.device_put(bpmf.sweep_data(users, items), NamedSharding(mesh, PartitionSpec()))
+    step_fn = jax.jit(bpmf.make_sweep(users, items, burn_in=int(cfg.optimizer.burn_in),
+                                      seed=int(cfg.seed)),
+                      out_shardings=(ms.shardings, None), donate_argnums=0)
+    log.info("bpmf: %d users, %d items, %d ratings; the tables average the draws after "
+             "sweep %d", task.num_users, task.num_items, users.nnz, int(cfg.optimizer.burn_in))
+    return step_fn, data
+
+
 def privacy_metrics(cfg: DictConfig, task, ms: ModelState, steps: int) -> dict[str, float]:
     """``privacy/epsilon``, ``privacy/delta``, ... of a ``privacy=dp`` run after ``steps``
     epochs (item releases); nothing without privacy."""
@@ -199,6 +236,13 @@ def privacy_metrics(cfg: DictConfig, task, ms: ModelState, steps: int) -> dict[s
     log.info("privacy=dp: (ε=%.4g, δ=%.3g)-DP after %d epochs (noise multiplier %.4g)",
              out["privacy/epsilon"], pl.delta, steps, pl.noise_multiplier)
     return out
+
+
+def patience_starts(cfg: DictConfig) -> int:
+    """The step after which epochs without a validation gain count towards
+    ``trainer.patience``: ``optimizer.burn_in`` for BPMF (the tables hold single draws until
+    then, so validation goes up and down), else 0."""
+    return int(cfg.optimizer.burn_in) if is_bpmf(cfg) else 0
 
 
 def learning_rate(ms: ModelState, cfg: DictConfig, step: int) -> dict[str, float]:
