@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from jaxreco import config as config_lib, optim
 from jaxreco.models.mf import MF
 from jaxreco.sharding import make_mesh
-from jaxreco.train import bpmf
+from jaxreco.train import bpmf, ials
 from jaxreco.train.state import create_state
 from tests.conftest import run_cli
 from tests.test_configs import _compose
@@ -150,6 +150,13 @@ def test_only_the_biased_mf_is_sampled():
     abstract = type("M", (), {"table_features": {"user_mf": 0, "item_mf": 0}})()
     with pytest.raises(ValueError, match="model=mf.*model.name='embed_mlp'"):
         bpmf.check_model(OmegaConf.create({"name": "embed_mlp"}), abstract)
+
+
+def test_several_cpu_devices_are_refused_one_is_not():
+    assert jax.device_count() >= 4
+    ials.check_mesh(make_mesh({"model": 1}, devices=jax.devices()[:1]), "bpmf")
+    with pytest.raises(ValueError, match=r"optimizer=bpmf on 4 CPU devices.*mesh=single"):
+        ials.check_mesh(make_mesh({"data": 2, "model": 2}, devices=jax.devices()[:4]), "bpmf")
 
 
 @pytest.fixture

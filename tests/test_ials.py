@@ -351,7 +351,7 @@ def test_two_processes_with_row_sharded_tables_match_one(tmp_path, ml_dir):  # n
     for i in range(2):
         e = dict(os.environ, **env, JAXRECO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                  JAXRECO_NUM_PROCESSES="2", JAXRECO_PROCESS_ID=str(i),
-                 XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                 XLA_FLAGS="--xla_force_host_platform_device_count=1")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "jaxreco.cli.train", f"hydra.run.dir={tmp_path / 'two'}",
              "mesh=mp", *common], cwd=tmp_path, env=e, stdout=subprocess.PIPE,

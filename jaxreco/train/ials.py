@@ -402,6 +402,20 @@ def epoch_data(users: Side, items: Side) -> dict:
             "user_freq": users.freq, "item_freq": items.freq}
 
 
+def check_mesh(mesh, optimizer: str = "ials") -> None:
+    """A ValueError for a mesh with more than one XLA:CPU device in this process: their
+    programs run batched Cholesky solves at once in one thread pool, and at ML-100K size an
+    epoch wedged with every thread parked (iALS and BPMF, 4 fake devices, ``mesh=mp``; a
+    60-user test set did not). One CPU device per process (``mesh=single``, or several
+    processes with one device each) runs; other backends are not refused."""
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    if len(local) > 1 and local[0].platform == "cpu":
+        raise ValueError(f"optimizer={optimizer} on {len(local)} CPU devices of one process "
+                         f"(mesh axes {dict(mesh.shape)}): XLA:CPU can wedge running several "
+                         "devices' Cholesky solves at once; use mesh=single, one CPU device "
+                         "per process, or a GPU")
+
+
 def check_model(model_cfg, abstract_model) -> tuple[str, str, str | None]:
     """``(user table, item table, item bias table or None)`` of a model iALS can train, else
     a ValueError naming the field: the dot combiner, no side or context features. With

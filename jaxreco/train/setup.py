@@ -168,6 +168,7 @@ def ials_step(cfg: DictConfig, task, ms: ModelState, mesh):
     length (:func:`jaxreco.train.ials.group_rows`), recency weights when configured."""
     am, oc, cols = ms.abstract_model, cfg.optimizer, task.train_cols
     ut, it, ib = ials.check_model(cfg.model, am)
+    ials.check_mesh(mesh)
     if cfg.privacy.name == "dp":                 # user-level DP iALS (jaxreco/privacy)
         epoch, data, _ = dp_ials.build(cfg, task, am, ut, it, ms.total_steps)
         data = jax.device_put(data, NamedSharding(mesh, PartitionSpec()))
@@ -205,6 +206,7 @@ def bpmf_step(cfg: DictConfig, task, ms: ModelState, mesh):
     user and by item (:func:`jaxreco.train.bpmf.build_sides`)."""
     am, cols = ms.abstract_model, task.train_cols
     bpmf.check_model(cfg.model, am)
+    ials.check_mesh(mesh, "bpmf")
     users, items = bpmf.build_sides(cols["user"], cols["item"], cols["rating"], task.num_users,
                                     task.num_items, user_rows=int(am.user_embed.shape[0]),
                                     item_rows=int(am.item_embed.shape[0]),
