@@ -39,7 +39,7 @@ EMBED = ["model.dim=4", "model.mf_dim=4", "model.mlp_dims=[8,4]"]
 
 
 def _overrides(name: str, tmp_path) -> list[str]:
-    if name in ("ml100k_mf", "ml1m_mf", "ml1m_mf_dp"):
+    if name in ("ml100k_mf", "ml1m_mf", "ml1m_mf_dp", "ml1m_mf_bpmf"):
         write = write_u_data if name == "ml100k_mf" else write_ratings_dat
         return [f"dataset.path={write(tmp_path / 'ml', num_users=40, num_items=30, n=900)}",
                 "model.dim=4"]
