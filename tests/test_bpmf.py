@@ -58,12 +58,12 @@ def test_row_draws_follow_the_gaussian_conditional():
     lam = np.array([[2.0, 0.3, 0.0], [0.3, 1.5, 0.2], [0.0, 0.2, 1.0]], np.float32)
     users, _ = bpmf.build_sides(np.zeros(4, np.int64), user_items, ratings, 1, 5,
                                 user_rows=1, item_rows=5, dim=d)
-    side = bpmf.sweep_data(users, users)["users"]
+    side = ials.epoch_data(users, users)["users"]
     y = np.concatenate([items[:, :d], np.ones((5, 1), np.float32)], 1)
 
     def one(key):
         x, _ = bpmf._sample_rows(key, jnp.zeros((1, k)), jnp.asarray(y), jnp.asarray(items[:, d]),
-                                 side, 1, jnp.asarray(m), jnp.asarray(lam), alpha, mu,
+                                 side, jnp.asarray(m), jnp.asarray(lam), alpha, mu,
                                  with_sse=False)
         return x[0]
     draws = np.asarray(jax.jit(jax.vmap(one))(jax.random.split(jax.random.PRNGKey(3), 40000)))
@@ -98,7 +98,7 @@ def test_sweeps_average_the_draws_after_burn_in_and_fit_a_low_rank_matrix():
     users, items = bpmf.build_sides(u[~test], i[~test], r[~test], nu, ni, user_rows=nu,
                                     item_rows=ni, dim=d)
     sweep = jax.jit(bpmf.make_sweep(users, items, burn_in=burn, seed=0))
-    data = bpmf.sweep_data(users, items)
+    data = ials.epoch_data(users, items)
     draws, losses = [], []
     for _ in range(40):
         state, m = sweep(state, data)

@@ -82,13 +82,6 @@ def build_sides(user: np.ndarray, item: np.ndarray, rating: np.ndarray, num_user
     return users, items
 
 
-def sweep_data(users: Side, items: Side) -> dict:
-    def as_dict(s: Side) -> dict:
-        return {"rows": s.rows, "cols": s.cols, "values": s.values}
-    return {"users": as_dict(users), "items": as_dict(items),
-            "user_freq": users.freq, "item_freq": items.freq}
-
-
 def sample_normal_wishart(key, x: jax.Array, mask: jax.Array):
     """``(m, Λ)`` drawn from the Normal-Wishart posterior given the rows ``x`` ``[n, K]``
     where ``mask`` (``[n]``, 0/1) is set; prior ``m₀ = 0``, ``β₀``, ``W₀ = I``, ``ν₀ = K``:
@@ -125,9 +118,8 @@ def sample_normal_wishart(key, x: jax.Array, mask: jax.Array):
     return m, lam
 
 
-def _sample_rows(key, x, y, y_offset, side: dict, num_rows: int, m, lam, alpha, mu,
-                 with_sse: bool):
-    """New draws of the first ``num_rows`` rows of ``x`` (``[rows, K]``) given the other
+def _sample_rows(key, x, y, y_offset, side: dict, m, lam, alpha, mu, with_sse: bool):
+    """New draws of the rows of ``x`` (``[rows, K]``) that have ratings, given the other
     side's features ``y`` (``[cols, K]``, ``[q, 1]``) and offsets ``y_offset`` (``[cols]``,
     its bias); ``with_sse``: also ``Σ (r − μ − y_offset − y·x_new)²`` over the ratings."""
     k = x.shape[1]
@@ -168,7 +160,7 @@ def _sample_rows(key, x, y, y_offset, side: dict, num_rows: int, m, lam, alpha, 
 def make_sweep(users: Side, items: Side, *, burn_in: int, seed: int):
     """``sweep(state, data) -> (state, {"loss": train MSE of the new draw})``: one Gibbs
     sweep (users, items, noise precision), then the tables' running average of the draws.
-    ``data`` is :func:`sweep_data`."""
+    ``data`` is :func:`jaxreco.train.ials.epoch_data` of :func:`build_sides`."""
     nu, ni, nnz = users.num_rows, items.num_rows, users.nnz
     if nnz == 0:
         raise ValueError("optimizer=bpmf: no training ratings")
@@ -191,12 +183,12 @@ def make_sweep(users: Side, items: Side, *, burn_in: int, seed: int):
             return jnp.concatenate([x[:, :d], jnp.ones((x.shape[0], 1), x.dtype)], 1), x[:, d]
 
         m_u, lam_u = sample_normal_wishart(k_hu, xu, mask_u)
-        xu, _ = _sample_rows(k_u, xu, *features(xi), data["users"], nu, m_u, lam_u, alpha,
+        xu, _ = _sample_rows(k_u, xu, *features(xi), data["users"], m_u, lam_u, alpha,
                              mu, with_sse=False)
         xu = jnp.where(mask_u[:, None] > 0, xu, m_u)
         xu, xi = jax.lax.optimization_barrier((xu, xi))
         m_i, lam_i = sample_normal_wishart(k_hi, xi, mask_i)
-        xi, sse = _sample_rows(k_i, xi, *features(xu), data["items"], ni, m_i, lam_i, alpha,
+        xi, sse = _sample_rows(k_i, xi, *features(xu), data["items"], m_i, lam_i, alpha,
                                mu, with_sse=True)
         xi = jnp.where(mask_i[:, None] > 0, xi, m_i)
         alpha = (jax.random.gamma(k_a, NOISE_A0 + nnz / 2.0) / (NOISE_B0 + sse / 2.0)

@@ -396,6 +396,8 @@ def epoch_data(users: Side, items: Side) -> dict:
         d = {"rows": s.rows, "cols": s.cols, "counts": s.counts}
         if s.weights is not None:
             d["weights"] = s.weights
+        if s.values is not None:
+            d["values"] = s.values
         return d
 
     return {"users": as_dict(users), "items": as_dict(items),

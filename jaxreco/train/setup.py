@@ -211,7 +211,7 @@ def bpmf_step(cfg: DictConfig, task, ms: ModelState, mesh):
                                     task.num_items, user_rows=int(am.user_embed.shape[0]),
                                     item_rows=int(am.item_embed.shape[0]),
                                     dim=int(am.user_embed.shape[1]))
-    data = jax.device_put(bpmf.sweep_data(users, items), NamedSharding(mesh, PartitionSpec()))
+    data = jax.device_put(ials.epoch_data(users, items), NamedSharding(mesh, PartitionSpec()))
     step_fn = jax.jit(bpmf.make_sweep(users, items, burn_in=int(cfg.optimizer.burn_in),
                                       seed=int(cfg.seed)),
                       out_shardings=(ms.shardings, None), donate_argnums=0)
